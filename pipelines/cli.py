@@ -1,0 +1,41 @@
+"""The ``cxr`` command: one subcommand per stage, each also runnable as ``python -m <module>``.
+
+Subcommands are imported lazily so ``cxr --help`` stays fast and a stage's heavy imports load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with main(argv) -> int, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "synth": ("pipelines.synth.__main__", "write synthetic radiographs in the NIH and COVID-19 dataset layouts"),
+    "ingest": ("pipelines.ingest", "raw dataset folders -> validated parquet shards per split (Ray Data)"),
+    "bench": ("pipelines.bench", "benchmarks: `cxr bench data`"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: cxr <stage> [--config ray_config.yaml] [--profile NAME] [--set key=value ...] [options]", ""]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in STAGES.items()]
+    lines += ["", "`cxr <stage> --help` lists a stage's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"cxr: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

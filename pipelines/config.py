@@ -1,0 +1,298 @@
+"""The one typed configuration tree every stage reads, loaded from ``ray_config.yaml``.
+
+A YAML file holds the production defaults at the top level and named partial trees under ``profiles:``.
+``load_config(path, profile, sets)`` merges base <- profile <- ``--set dotted.key=value`` overrides and
+validates the result; any unknown key, wrong type or impossible value raises ``ConfigError`` naming the
+dotted key path. Crossing into Ray, the tree travels as ``cfg.model_dump(mode="json")`` and workers rebuild it
+with ``Config.model_validate``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG_PATH = Path("ray_config.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration file, profile or override is invalid; the message names the dotted key."""
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class SynthConfig(Strict):
+    """Synthetic radiographs written in the real NIH and COVID-19 Radiography Database layouts."""
+
+    seed: int = 0
+    nih_patients: int = Field(400, ge=2)
+    max_images_per_patient: int = Field(4, ge=1)
+    nih_image_size: int = Field(512, ge=32, le=4096)
+    nih_test_patient_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    nih_images_per_archive: int = Field(500, ge=1)
+    covid_images: int = Field(800, ge=4)
+    covid_image_size: int = Field(299, ge=32, le=4096)
+    odd_mode_fraction: float = Field(0.02, ge=0.0, le=1.0)  # RGBA / 16-bit NIH, RGB COVID, like the real sets
+    near_duplicates: int = Field(0, ge=0)  # COVID images that are re-encoded copies of NIH images
+    corrupt_files: int = Field(0, ge=0)  # zero-byte, truncated and text-as-PNG files planted for tests
+
+
+class AugmentConfig(Strict):
+    """Training-time augmentation (albumentations); evaluation only resizes and normalises."""
+
+    rotate_limit: float = Field(7.0, ge=0.0, le=45.0)
+    brightness_limit: float = Field(0.15, ge=0.0, le=1.0)
+    contrast_limit: float = Field(0.15, ge=0.0, le=1.0)
+    clahe: bool = False
+    scale_limit: float = Field(0.05, ge=0.0, le=0.5)
+
+
+class DataConfig(Strict):
+    """Where raw data and shards live, how ingest stores and splits images, and how they are streamed."""
+
+    nih_dir: Path = Path("runs/data/nih")
+    covid_dir: Path = Path("runs/data/covid")
+    shards_dir: Path = Path("runs/shards")
+    storage_size: int = Field(256, ge=16, le=2048)  # images are stored square, grayscale PNG, at this size
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # of NIH train_val patients
+    covid_val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    covid_test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    split_seed: int = 42
+    dedup_max_distance: int = Field(4, ge=0, le=15)  # perceptual-hash Hamming distance that marks a twin
+    rows_per_shard: int = Field(2048, ge=1)
+    decode_batch_size: int = Field(32, ge=1)
+    synth: SynthConfig = SynthConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _covid_fractions(self) -> DataConfig:
+        if self.covid_val_fraction + self.covid_test_fraction >= 1.0:
+            raise ValueError("covid_val_fraction + covid_test_fraction must leave images for training")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class ArchConfig(Strict):
+    """One timm backbone; ``pretrained`` is a local weights file, never a download."""
+
+    name: str
+    pretrained: Path | None = None
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ModelConfig(Strict):
+    cnn: ArchConfig = ArchConfig(name="efficientnet_b0")
+    vit: ArchConfig = ArchConfig(name="vit_small_patch16_224")
+    input_size: int = Field(224, ge=16, le=1024)
+    # Images are single-channel; these normalise the [0, 1] grayscale range.
+    mean: float = Field(0.5, ge=0.0, le=1.0)
+    std: float = Field(0.25, gt=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+class TrainConfig(Strict):
+    run_dir: Path = Path("runs/train")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)  # per worker
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: Literal["auto"] | bool = "auto"
+    checkpoints_to_keep: int = Field(2, ge=1)
+    early_stopping_patience: int = Field(5, ge=1)
+    max_failures: int = Field(2, ge=-1)
+
+
+# ----------------------------------------------------------------------------------------------- tune
+
+
+class EnsembleTuneConfig(Strict):
+    num_samples: int = Field(200, ge=1)
+    objective: Literal["constrained", "tradeoff"] = "constrained"
+    max_vit_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    nih_weight: float = Field(0.5, ge=0.0, le=1.0)  # quality = nih_weight * AUROC + (1 - nih_weight) * F1
+    vit_cost: float = Field(0.1, ge=0.0)  # tradeoff objective: quality - vit_cost * vit_fraction
+
+
+class TuneConfig(Strict):
+    num_samples: int = Field(8, ge=1)
+    lr_min: float = Field(1e-5, gt=0.0)
+    lr_max: float = Field(3e-3, gt=0.0)
+    weight_decay: list[float] = [0.01, 0.05]
+    drop_rate: list[float] = [0.0, 0.1]
+    grace_period: int = Field(2, ge=1)
+    ensemble: EnsembleTuneConfig = EnsembleTuneConfig()
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> TuneConfig:
+        if self.lr_min >= self.lr_max:
+            raise ValueError(f"lr_min ({self.lr_min}) must be below lr_max ({self.lr_max})")
+        return self
+
+
+# ------------------------------------------------------------------------------------- ensemble, serve
+
+
+class EnsembleConfig(Strict):
+    """The adaptive ensemble: CNN alone when confident, else ``w_cnn * p_cnn + (1 - w_cnn) * p_vit``."""
+
+    w_cnn: float = Field(0.4, ge=0.0, le=1.0)
+    threshold: float = Field(0.85, ge=0.0, le=1.0)
+
+
+class DeploymentConfig(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int = Field(1, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0.0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    batch_max_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)
+    num_gpus: Literal["auto"] | float = "auto"  # "auto": a fraction of a GPU where the cluster has GPUs
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> DeploymentConfig:
+        if not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("replicas must satisfy min_replicas <= initial_replicas <= max_replicas")
+        return self
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_mb: float = Field(20.0, gt=0.0)
+    max_pixels: int = Field(50_000_000, ge=1)
+    api_key_env: str | None = None
+    cnn: DeploymentConfig = DeploymentConfig()
+    vit: DeploymentConfig = DeploymentConfig()
+
+
+# ------------------------------------------------------------------------------------- cluster, mlflow
+
+
+class ClusterConfig(Strict):
+    address: str | None = None  # None: start or join a local Ray; "auto" or ray://... to join a cluster
+    num_cpus: int | None = Field(None, ge=1)  # for a local Ray started by a stage
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = None  # None: a local SQLite store under train.run_dir
+    experiment: str = "cxr"
+
+
+class Config(Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    serve: ServeConfig = ServeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (numbers, booleans, lists)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is a value, cannot set {key.strip()}")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {path}: {msg} (got {item.get('input')!r})")
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a plain dict (the form in which config crosses into Ray workers)."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(
+    path: str | Path | None = DEFAULT_CONFIG_PATH, profile: str | None = None, sets: list[str] | None = None
+) -> Config:
+    """Load ``path`` (or the built-in defaults when None), apply a profile and overrides, and validate."""
+    tree: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        tree, source = loaded, str(path)
+    profiles = tree.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: profiles: expected a mapping of profile names")
+    if profile:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(f"{source}: unknown profile {profile!r} (profiles defined: {known})")
+        tree = _deep_merge(tree, profiles[profile] or {})
+        source = f"{source} (profile {profile})"
+    for assignment in sets or []:
+        tree = apply_override(tree, assignment)
+    return config_from_dict(tree, source)
+
+
+def profile_names(path: str | Path = DEFAULT_CONFIG_PATH) -> list[str]:
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    return sorted(loaded.get("profiles") or {})
