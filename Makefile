@@ -1,0 +1,34 @@
+# Two commands do their own set-up on a fresh machine: `make demo` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CXR    := $(VENV)/bin/cxr
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := --profile demo
+
+.PHONY: setup demo test test-fast lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on generated data, CPU only: synthesise -> ingest (Ray Data) -> stream into torch batches.
+demo: setup
+	$(CXR) synth $(DEMO) --overwrite
+	$(CXR) ingest $(DEMO) --overwrite
+	$(CXR) bench data $(DEMO) --passes 1 --min-images 2000
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not ray and not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,28 @@
+"""Shared fixtures: paths to the real samples, one local Ray per test session for the `ray` tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_SAMPLES = ROOT.parent / "shared" / "real_samples"
+
+
+@pytest.fixture(scope="session")
+def real_samples() -> Path:
+    if not (REAL_SAMPLES / "nih" / "images").is_dir():
+        pytest.skip(f"real samples not found at {REAL_SAMPLES}")
+    return REAL_SAMPLES
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) shared by every test marked `ray`."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
