@@ -45,7 +45,8 @@ def test_find_twins_matches_brute_force():
     rng = np.random.default_rng(0)
     nih = rng.integers(-(2**63), 2**63 - 1, size=500, dtype=np.int64)
     flips = [np.int64(1) << np.int64(b) for b in (0, 17, 40, 63)]
-    covid = [int(nih[3] ^ flips[0] ^ flips[1]), int(nih[10]), int(nih[99] ^ flips[3]), int(nih[7] ^ flips[0] ^ flips[1] ^ flips[2] ^ np.int64(0b1110))]
+    far = flips[0] ^ flips[1] ^ flips[2] ^ np.int64(0b1110)  # 6 bits away: not a twin
+    covid = [int(nih[3] ^ flips[0] ^ flips[1]), int(nih[10]), int(nih[99] ^ flips[3]), int(nih[7] ^ far)]
     covid += rng.integers(-(2**63), 2**63 - 1, size=50, dtype=np.int64).tolist()
     found = find_twins(nih.tolist(), covid, max_distance=4)
     brute = [
