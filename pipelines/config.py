@@ -116,6 +116,7 @@ class TrainConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)  # below 1 on small machines, so Ray Data keeps CPUs to stream with
     use_gpu: Literal["auto"] | bool = "auto"
     checkpoints_to_keep: int = Field(2, ge=1)
     early_stopping_patience: int = Field(5, ge=1)

@@ -1,0 +1,91 @@
+"""Checkpoint format shared by training, evaluation, tuning and serving (plain torch, no ray).
+
+A checkpoint directory holds ``checkpoint.pt`` (weights, optimizer, scheduler, epoch, config, label spaces,
+preprocessing) and ``meta.json`` (the same minus tensors, for people and for tools that must not load torch).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.labels import NIH14
+from models.network import CxrNet
+
+CHECKPOINT_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint path that does not hold a checkpoint of this project."""
+
+
+def unwrap(model: nn.Module) -> CxrNet:
+    """The plain model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model  # type: ignore[return-value]
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    *,
+    role: str,
+    epoch: int,
+    config: dict[str, Any],
+    metrics: dict[str, float],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    net = unwrap(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "role": role,
+        "arch": net.arch,
+        "epoch": epoch,
+        "label_spaces": {"nih14": list(NIH14), "covid": list(net.covid_classes)},
+        "preprocessing": {
+            "input_size": net.input_size,
+            "channels": 1,
+            "input_dtype": "uint8",
+            "mean": float(net.mean),
+            "std": float(net.std),
+        },
+        "metrics": metrics,
+        "state": state or {},
+        "config": config,
+    }
+    payload = {
+        **meta,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    torch.save(payload, directory / CHECKPOINT_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {CHECKPOINT_FILE} in {directory}: not a checkpoint of this project")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def model_from_checkpoint(directory: str | Path, payload: dict[str, Any] | None = None) -> CxrNet:
+    """Rebuild the network a checkpoint was trained as, with its weights, in eval mode."""
+    payload = payload or load_checkpoint(directory)
+    pre = payload["preprocessing"]
+    model = CxrNet(
+        payload["arch"], pre["input_size"], tuple(payload["label_spaces"]["covid"]), mean=pre["mean"], std=pre["std"]
+    )
+    model.load_state_dict(payload["model"])
+    return model.eval()
