@@ -13,6 +13,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "synth": ("pipelines.synth.__main__", "write synthetic radiographs in the NIH and COVID-19 dataset layouts"),
     "ingest": ("pipelines.ingest", "raw dataset folders -> validated parquet shards per split (Ray Data)"),
     "train": ("pipelines.train", "train the CNN or the ViT with DDP on Ray Train, tracked in MLflow"),
+    "evaluate": ("pipelines.evaluate", "CNN, ViT, fused and gated ensemble side by side on the test split"),
     "bench": ("pipelines.bench", "benchmarks: `cxr bench data`"),
 }
 

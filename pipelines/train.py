@@ -7,6 +7,7 @@ Running the same ``--run-name`` again continues from the run's last checkpoint. 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def train(cfg: Config, role: str, run_name: str | None = None) -> dict[str, Any]
     final = result.metrics
     run_id = final["mlflow_run_id"]
     version = tracking.publish_checkpoint(cfg, run_id, best.path, role)
-    return {
+    summary = {
         "role": role,
         "run_name": run_name,
         "run_dir": str(Path(result.path)),
@@ -100,6 +101,20 @@ def train(cfg: Config, role: str, run_name: str | None = None) -> dict[str, Any]
         "mlflow_tracking_uri": tracking.tracking_uri(cfg),
         "registered_model": f"cxr-{role}/{version}",
     }
+    summary_path(cfg, role).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summary_path(cfg: Config, role: str) -> Path:
+    return Path(cfg.train.run_dir) / f"latest-{role}.json"
+
+
+def latest_summary(cfg: Config, role: str) -> dict[str, Any]:
+    """The summary the last ``cxr train --model <role>`` wrote: how evaluation and serving find the checkpoint."""
+    path = summary_path(cfg, role)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `cxr train --model {role}` first or pass a checkpoint path")
+    return json.loads(path.read_text())
 
 
 def config_with_tune_result(cfg: Config, path: Path) -> Config:

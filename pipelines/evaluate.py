@@ -1,0 +1,156 @@
+"""`cxr evaluate`: the CNN, the ViT, the always-fused and the gated ensemble side by side on the test split.
+
+Writes ``report.md``, ``metrics.json`` and PNG plots (ROC curves, reliability diagrams, confusion matrices) and
+logs them to MLflow. The test split is read in this process in shard order, so test-time augmentation passes
+line up row by row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from models.ensemble import adaptive, fuse
+from pipelines import tracking
+from pipelines.cli_args import add_config_args, config_from_args
+from pipelines.config import Config, ConfigError
+from pipelines.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
+from pipelines.report import write_report
+from pipelines.streaming import SHARD_COLUMNS, ShardsNotFoundError, shard_files
+from pipelines.train import latest_summary
+from pipelines.train_steps import predict
+from pipelines.transforms import config_key, preprocess_table
+
+log = logging.getLogger(__name__)
+
+
+def _batches(files: list[str], cfg: Config, train_transform: bool, batch_size: int):
+    key = config_key(cfg)
+    for file in files:
+        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=SHARD_COLUMNS):
+            arrays = preprocess_table(pa.Table.from_batches([record_batch]), key, train_transform)
+            yield {name: torch.from_numpy(value) for name, value in arrays.items()}
+
+
+def predict_split(model, cfg: Config, files: list[str], tta: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Probabilities on every row of ``files``; with ``tta`` > 0, averaged with that many augmented passes."""
+    device = torch.device("cpu")
+    result = predict(model, _batches(files, cfg, False, batch_size), device)
+    for _ in range(tta):
+        extra = predict(model, _batches(files, cfg, True, batch_size), device)
+        for head in ("nih14", "covid"):
+            result[head] = result[head] + extra[head]
+    for head in ("nih14", "covid"):
+        result[head] = result[head] / (1 + tta)
+    return result
+
+
+def _scored(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each test image is scored on the head of its own dataset."""
+    return {"nih14": pred["source"] == 0, "covid": pred["source"] == 1}
+
+
+def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[str, Any]:
+    nih, covid = pred["source"] == 0, pred["source"] == 1
+    covid_probs = pred["covid"][covid]
+    correct = covid_probs.argmax(axis=1) == pred["covid_label"][covid]
+    nih_probs, nih_labels = pred["nih14"][nih], pred["nih_labels"][nih]
+    return {
+        "headline": headline(pred, classes),
+        "nih14": nih_auroc(nih_labels, nih_probs),
+        "covid": covid_metrics(pred["covid_label"][covid], covid_probs, classes),
+        "calibration": {
+            "covid": expected_calibration_error(covid_probs.max(axis=1), correct),
+            "nih14": expected_calibration_error(nih_probs.ravel(), nih_labels.ravel()),
+        },
+    }
+
+
+def evaluate(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, tta: int = 0) -> dict[str, Any]:
+    files = shard_files(cfg.data.shards_dir, "test")
+    payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
+    classes = tuple(payloads["cnn"]["label_spaces"]["covid"])
+    preds = {role: predict_split(model_from_checkpoint(None, p), cfg, files, tta) for role, p in payloads.items()}
+    cnn, vit = preds["cnn"], preds["vit"]
+    w, threshold = cfg.ensemble.w_cnn, cfg.ensemble.threshold
+    fused = {**cnn, **fuse(cnn, vit, w)}
+    gated_probs, used_vit = adaptive(
+        {h: cnn[h] for h in ("nih14", "covid")}, {h: vit[h] for h in ("nih14", "covid")}, w, threshold, _scored(cnn)
+    )
+    systems = {"cnn": cnn, "vit": vit, "ensemble": fused, "adaptive": {**cnn, **gated_probs}}
+    metrics = {name: full_metrics(pred, classes) for name, pred in systems.items()}
+    metrics["adaptive"]["vit_fraction"] = float(used_vit.mean())
+    summary = {
+        "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
+        "ensemble": {"w_cnn": w, "threshold": threshold},
+        "tta_passes": tta,
+        "test_images": int(len(cnn["source"])),
+        "systems": metrics,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, summary, systems, classes)
+    _log_to_mlflow(cfg, out, summary)
+    return summary
+
+
+def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:
+    tracking.start_run(cfg, "evaluate", "cnn")
+    try:
+        for name, m in summary["systems"].items():
+            mlflow.log_metrics({f"test_{name}_{k}": v for k, v in m["headline"].items() if v == v})
+        mlflow.log_metric("test_adaptive_vit_fraction", summary["systems"]["adaptive"]["vit_fraction"])
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+    finally:
+        tracking.end_run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--cnn", type=Path, help="CNN checkpoint dir (default: best of the last `cxr train --model cnn`)"
+    )
+    parser.add_argument(
+        "--vit", type=Path, help="ViT checkpoint dir (default: best of the last `cxr train --model vit`)"
+    )
+    parser.add_argument("--out", type=Path, help="report folder (default: <train.run_dir>/evaluation)")
+    parser.add_argument(
+        "--tta", type=int, default=0, help="extra augmented passes averaged in (test-time augmentation)"
+    )
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        cnn = args.cnn or Path(latest_summary(cfg, "cnn")["best_checkpoint"])
+        vit = args.vit or Path(latest_summary(cfg, "vit")["best_checkpoint"])
+        out = args.out or Path(cfg.train.run_dir) / "evaluation"
+        summary = evaluate(cfg, cnn, vit, out, args.tta)
+    except (ConfigError, ShardsNotFoundError, CheckpointError, FileNotFoundError) as err:
+        print(f"cxr evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{'system':<10}{'nih14 AUROC':>12}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
+    for name, m in summary["systems"].items():
+        h = m["headline"]
+        print(
+            f"{name:<10}{h['nih_macro_auroc']:>12.3f}{h['covid_accuracy']:>11.3f}{h['covid_macro_f1']:>10.3f}"
+            f"{m['calibration']['covid']['ece']:>11.3f}"
+        )
+    print(f"adaptive gate sent {summary['systems']['adaptive']['vit_fraction']:.1%} of test images to the ViT")
+    print(f"report: {out / 'report.md'}")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
