@@ -1,0 +1,139 @@
+"""Ray tests of training: a 2-worker DDP run with checkpoints and MLflow, kill-and-resume, an MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from layout_factory import write_layouts
+from models.checkpoint import load_checkpoint
+from pipelines.config import load_config
+from pipelines.ingest import ingest
+from pipelines.train import latest_summary, train
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_session) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    write_layouts(root, patients=24, covid_per_class=8)
+    cfg = load_config(None, sets=["data.storage_size=32", "model.input_size=32", "data.rows_per_shard=16"])
+    ingest(cfg, root / "nih", root / "covid", root / "shards")
+    return root / "shards"
+
+
+def _cfg(shards: Path, run_dir: Path, *extra: str):
+    return load_config(
+        Path(__file__).resolve().parents[1] / "ray_config.yaml",
+        "demo",
+        [f"data.shards_dir={shards}", f"train.run_dir={run_dir}", "model.input_size=32", "train.batch_size=8", *extra],
+    )
+
+
+def test_two_worker_run_writes_checkpoint_and_mlflow_run(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path, "train.epochs=1")
+    summary = train(cfg, "cnn", "one-epoch")
+    payload = load_checkpoint(summary["best_checkpoint"])
+    assert payload["role"] == "cnn" and payload["arch"] == "test_efficientnet" and payload["epoch"] == 0
+    assert payload["preprocessing"]["input_size"] == 32 and len(payload["label_spaces"]["nih14"]) == 14
+    assert latest_summary(cfg, "cnn")["best_checkpoint"] == summary["best_checkpoint"]
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert "val_nih_macro_auroc" in run.data.metrics and run.data.params["train.num_workers"] == "2"
+    assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
+    assert client.get_model_version("cxr-cnn", summary["registered_model"].split("/")[1]).run_id == run.info.run_id
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray names its actor processes ``ray::<Class>.<method>``."""
+    found = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def _registered_checkpoints(run_dir: Path) -> int:
+    """Checkpoints the run has registered (a folder on disk is not enough: its report may still be in flight)."""
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _kill_a_worker_after_checkpoints(run_dir: Path, done: threading.Event, killed: list[int]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not done.is_set():
+        pids = _train_worker_pids()
+        if pids and _registered_checkpoints(run_dir) >= 1:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path, "train.epochs=8", "train.max_failures=2", "train.early_stopping_patience=20")
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after_checkpoints, args=(tmp_path / "killed", done, killed))
+    killer.start()
+    try:
+        summary = train(cfg, "vit", "killed")
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no training worker was killed"
+    assert summary["epochs_run"] == 8
+    assert summary["resumed_from_epoch"] >= 1  # picked up after the last checkpoint, not from epoch 0
+
+
+@pytest.mark.slow
+def test_same_run_name_continues(shards, tmp_path):
+    first = train(_cfg(shards, tmp_path, "train.epochs=1"), "cnn", "again")
+    second = train(_cfg(shards, tmp_path, "train.epochs=2"), "cnn", "again")
+    assert (second["resumed_from_epoch"], second["epochs_run"]) == (1, 2)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_training_against_a_real_mlflow_server(shards, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                MlflowClient(uri).search_experiments()
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                time.sleep(1)
+        summary = train(_cfg(shards, tmp_path / "runs", "train.epochs=1", f"mlflow.tracking_uri={uri}"), "cnn", "srv")
+        client = MlflowClient(uri)
+        run = client.get_run(summary["mlflow_run_id"])
+        assert "val_score" in run.data.metrics
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+        assert client.get_registered_model("cxr-cnn").latest_versions
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
