@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS: dict[str, str] = {
     "data": "pipelines.bench_data",
+    "train": "pipelines.bench_train",
 }
 
 
