@@ -15,11 +15,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on generated data, CPU only: synthesise -> ingest (Ray Data) -> stream into torch batches.
+# The main job on generated data, CPU only: synthesise -> ingest (Ray Data) -> train CNN and ViT (Ray Train,
+# 2 DDP workers each, MLflow) -> evaluate. A fresh run name per demo, so it never resumes an older one.
+RUN    := $(shell date +%Y%m%d-%H%M%S)
 demo: setup
 	$(CXR) synth $(DEMO) --overwrite
 	$(CXR) ingest $(DEMO) --overwrite
-	$(CXR) bench data $(DEMO) --passes 1 --min-images 2000
+	$(CXR) train $(DEMO) --model cnn --run-name cnn-$(RUN)
+	$(CXR) train $(DEMO) --model vit --run-name vit-$(RUN)
+	$(CXR) evaluate $(DEMO)
 
 test: setup
 	$(PY) -m pytest -q

@@ -69,7 +69,8 @@ class DataConfig(Strict):
     covid_val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     covid_test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     split_seed: int = 42
-    dedup_max_distance: int = Field(4, ge=0, le=15)  # perceptual-hash Hamming distance that marks a twin
+    dedup_max_distance: int = Field(4, ge=0, le=15)  # perceptual-hash Hamming distance of twin candidates
+    dedup_min_correlation: float = Field(0.995, ge=0.0, le=1.0)  # 32x32 thumbnail correlation that confirms one
     rows_per_shard: int = Field(2048, ge=1)
     decode_batch_size: int = Field(32, ge=1)
     synth: SynthConfig = SynthConfig()

@@ -25,7 +25,15 @@ from ray.data.expressions import col
 
 from pipelines.cli_args import add_config_args, config_from_args
 from pipelines.config import Config, ConfigError
-from pipelines.imaging import ImageDecodeError, decode_gray, encode_png, perceptual_hash, resize_square
+from pipelines.imaging import (
+    ImageDecodeError,
+    correlation,
+    decode_gray,
+    encode_png,
+    perceptual_hash,
+    resize_square,
+    thumbnail,
+)
 from pipelines.layouts import DatasetLayoutError, Listing, list_covid, list_nih, write_rejects
 from pipelines.manifest import build_manifest, summary_table
 from pipelines.ray_runtime import ensure_ray
@@ -34,34 +42,35 @@ from pipelines.splits import SPLITS, covid_splits, find_twins, nih_splits, place
 log = logging.getLogger(__name__)
 
 # Columns that exist only while ingesting; the shards keep the rest.
-_WORK_COLUMNS = ["path", "official_split", "error_reason", "error_detail"]
+_WORK_COLUMNS = ["path", "official_split", "error_reason", "error_detail", "thumb"]
 
 
 def decode_batch(batch: pa.Table, storage_size: int) -> pa.Table:
     """Read, decode, grayscale, resize, PNG-encode and hash each file of a batch; failures become error columns."""
-    images, hashes, modes, widths, heights, reasons, details = [], [], [], [], [], [], []
+    images, hashes, thumbs, modes, widths, heights, reasons, details = [], [], [], [], [], [], [], []
     for path in batch.column("path").to_pylist():
-        image = phash = mode = width = height = reason = detail = None
+        image = phash = thumb = mode = width = height = reason = detail = None
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
             pixels, mode = decode_gray(data)
             height, width = pixels.shape
             small = resize_square(pixels, storage_size)
-            image, phash = encode_png(small), perceptual_hash(small)
+            image, phash, thumb = encode_png(small), perceptual_hash(small), thumbnail(small).tobytes()
         except ImageDecodeError as err:
             reason, detail = err.reason, err.detail
         except OSError as err:
             reason, detail = "unreadable", str(err)
         for column, value in zip(
-            (images, hashes, modes, widths, heights, reasons, details),
-            (image, phash, mode, width, height, reason, detail),
+            (images, hashes, thumbs, modes, widths, heights, reasons, details),
+            (image, phash, thumb, mode, width, height, reason, detail),
             strict=True,
         ):
             column.append(value)
     new_columns = {
         "image": pa.array(images, pa.binary()),
         "phash": pa.array(hashes, pa.int64()),
+        "thumb": pa.array(thumbs, pa.binary()),
         "decoded_mode": pa.array(modes, pa.string()),
         "decoded_width": pa.array(widths, pa.int32()),
         "decoded_height": pa.array(heights, pa.int32()),
@@ -101,6 +110,10 @@ def _decode_all(rows: list[dict[str, Any]], cfg: Config) -> ray.data.Dataset:
     return ds.materialize()
 
 
+def _thumb_correlation(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return correlation(np.frombuffer(a["thumb"], np.uint8), np.frombuffer(b["thumb"], np.uint8))
+
+
 def _assign_splits(
     decoded: list[dict[str, Any]], nih: Listing, covid: Listing, cfg: Config
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -112,7 +125,14 @@ def _assign_splits(
     covid_split = covid_splits(
         covid_rows, cfg.data.covid_val_fraction, cfg.data.covid_test_fraction, cfg.data.split_seed
     )
-    twins = find_twins([r["phash"] for r in nih_rows], [r["phash"] for r in covid_rows], cfg.data.dedup_max_distance)
+    candidates = find_twins(
+        [r["phash"] for r in nih_rows], [r["phash"] for r in covid_rows], cfg.data.dedup_max_distance
+    )
+    twins = [
+        (i, j, d)
+        for i, j, d in candidates
+        if _thumb_correlation(nih_rows[i], covid_rows[j]) >= cfg.data.dedup_min_correlation
+    ]
     pairs = [(nih_rows[i]["relpath"], covid_rows[j]["relpath"]) for i, j, _ in twins]
     moved = place_twins(nih_split, covid_split, pairs)
     twin_records = [
@@ -124,7 +144,10 @@ def _assign_splits(
         }
         for i, j, d in twins
     ]
-    log.info("found %d cross-dataset twins; moved %d COVID images into their twin's split", len(twins), len(moved))
+    log.info(
+        "%d twin candidates by hash, %d confirmed; moved %d COVID images into their twin's split",
+        len(candidates), len(twins), len(moved),
+    )  # fmt: skip
     split_by_key = {f"nih/{k}": v for k, v in nih_split.items()} | {f"covid/{k}": v for k, v in covid_split.items()}
     return split_by_key, twin_records
 
@@ -144,19 +167,7 @@ def ingest(
     staging = _prepare_output(out, overwrite)
     ensure_ray(cfg)
     ds = _decode_all(nih.rows + covid.rows, cfg)
-    decoded = ds.select_columns(
-        [
-            "source",
-            "relpath",
-            "patient_id",
-            "official_split",
-            "nih_labels",
-            "covid_label",
-            "phash",
-            "error_reason",
-            "error_detail",
-        ]
-    ).take_all()
+    decoded = ds.drop_columns(["image"]).take_all()  # everything but the pixels, for splits and bookkeeping
     rejects = (
         nih.rejects
         + covid.rejects
