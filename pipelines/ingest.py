@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -42,6 +43,7 @@ from pipelines.splits import SPLITS, covid_splits, find_twins, nih_splits, place
 log = logging.getLogger(__name__)
 
 # Columns that exist only while ingesting; the shards keep the rest.
+MIN_SHARD_FILES = 8
 _WORK_COLUMNS = ["path", "official_split", "error_reason", "error_detail", "thumb"]
 
 
@@ -186,8 +188,11 @@ def ingest(
     )
     for split in SPLITS:
         part = good.filter(expr=col("split") == split)
-        if part.count():
-            part.write_parquet(str(staging / split), min_rows_per_file=cfg.data.rows_per_shard)
+        if rows := part.count():
+            # At most rows_per_shard rows a file, and at least MIN_SHARD_FILES files: streaming reads one file per
+            # task, so a small split in one file would be read and decoded by a single core.
+            per_file = max(1, min(cfg.data.rows_per_shard, math.ceil(rows / MIN_SHARD_FILES)))
+            part.write_parquet(str(staging / split), min_rows_per_file=per_file, max_rows_per_file=per_file)
     rows = [r | {"split": split_by_key[f"{r['source']}/{r['relpath']}"]} for r in decoded if r["error_reason"] is None]
     manifest = build_manifest(cfg, rows, rejects, twins, nih, covid, inputs={"nih": nih_dir, "covid": covid_dir})
     manifest["seconds"] = round(time.monotonic() - started, 1)
