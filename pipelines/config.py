@@ -215,6 +215,16 @@ class Config(Strict):
     cluster: ClusterConfig = ClusterConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
+    def with_absolute_paths(self) -> Config:
+        """A copy whose paths are absolute: Ray workers run in other working directories than the driver."""
+        tree = self.model_dump(mode="json")
+        for section, key in (("data", "nih_dir"), ("data", "covid_dir"), ("data", "shards_dir"), ("train", "run_dir")):
+            tree[section][key] = str(Path(tree[section][key]).resolve())
+        for role in ("cnn", "vit"):
+            if tree["model"][role]["pretrained"]:
+                tree["model"][role]["pretrained"] = str(Path(tree["model"][role]["pretrained"]).resolve())
+        return Config.model_validate(tree)
+
 
 # -------------------------------------------------------------------------------------------- loading
 

@@ -28,6 +28,11 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
+def ensure_experiment(cfg: Config) -> str:
+    """Create the experiment from the driver (its local artifact folder is then under ``train.run_dir``)."""
+    return _experiment_id(cfg)
+
+
 def _experiment_id(cfg: Config) -> str:
     mlflow.set_tracking_uri(tracking_uri(cfg))
     found = mlflow.get_experiment_by_name(cfg.mlflow.experiment)

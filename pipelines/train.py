@@ -80,6 +80,9 @@ def train(cfg: Config, role: str, run_name: str | None = None) -> dict[str, Any]
     if role not in ROLES:
         raise ValueError(f"--model must be one of {ROLES}, got {role!r}")
     run_name = run_name or f"{role}-{getattr(cfg.model, role).name}"
+    cfg = cfg.with_absolute_paths()
+    tracking.ensure_experiment(cfg)
+    cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": tracking.tracking_uri(cfg)})})
     ensure_ray(cfg)
     result = build_trainer(cfg, role, run_name).fit()
     if result.error:
