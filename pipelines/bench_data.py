@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -25,16 +24,8 @@ import torch
 from pipelines.cli_args import add_config_args, config_from_args
 from pipelines.config import Config
 from pipelines.ray_runtime import ensure_ray
-from pipelines.streaming import SHARD_COLUMNS, iter_training_batches, preprocessed_split, shard_files
+from pipelines.streaming import SHARD_COLUMNS, iter_training_batches, local_batches, preprocessed_split, shard_files
 from pipelines.transforms import config_key, preprocess_table
-
-
-def single_process_pass(files: list[str], cfg: Config, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
-    key = config_key(cfg)
-    for file in files:
-        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=SHARD_COLUMNS):
-            arrays = preprocess_table(pa.Table.from_batches([record_batch]), key, train=True)
-            yield {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
 def naive_ray_pass(cfg: Config, files: list[str], batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
@@ -68,7 +59,7 @@ def run(cfg: Config, split: str, batch_size: int, passes: int, min_images: int, 
     files = shard_files(cfg.data.shards_dir, split)
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     repeat = max(1, -(-min_images // rows))  # long passes, so per-pass start-up does not dominate
-    results = {"single process": time_passes(lambda: single_process_pass(files * repeat, cfg, batch_size), passes)}
+    results = {"single process": time_passes(lambda: local_batches(files * repeat, cfg, True, batch_size), passes)}
     ensure_ray(cfg)
     if naive:  # first, while the DataContext still has Ray's defaults (preprocessed_split sets ours)
         results["ray data, defaults"] = time_passes(lambda: naive_ray_pass(cfg, files * repeat, batch_size), passes)

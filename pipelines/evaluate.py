@@ -16,8 +16,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -27,28 +25,19 @@ from pipelines.cli_args import add_config_args, config_from_args
 from pipelines.config import Config, ConfigError
 from pipelines.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
 from pipelines.report import write_report
-from pipelines.streaming import SHARD_COLUMNS, ShardsNotFoundError, shard_files
+from pipelines.streaming import ShardsNotFoundError, local_batches, shard_files
 from pipelines.train import latest_summary
 from pipelines.train_steps import predict
-from pipelines.transforms import config_key, preprocess_table
 
 log = logging.getLogger(__name__)
-
-
-def _batches(files: list[str], cfg: Config, train_transform: bool, batch_size: int):
-    key = config_key(cfg)
-    for file in files:
-        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=SHARD_COLUMNS):
-            arrays = preprocess_table(pa.Table.from_batches([record_batch]), key, train_transform)
-            yield {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
 def predict_split(model, cfg: Config, files: list[str], tta: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Probabilities on every row of ``files``; with ``tta`` > 0, averaged with that many augmented passes."""
     device = torch.device("cpu")
-    result = predict(model, _batches(files, cfg, False, batch_size), device)
+    result = predict(model, local_batches(files, cfg, False, batch_size), device)
     for _ in range(tta):
-        extra = predict(model, _batches(files, cfg, True, batch_size), device)
+        extra = predict(model, local_batches(files, cfg, True, batch_size), device)
         for head in ("nih14", "covid"):
             result[head] = result[head] + extra[head]
     for head in ("nih14", "covid"):

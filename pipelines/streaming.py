@@ -14,6 +14,7 @@ from typing import Any
 
 import cv2
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -108,6 +109,16 @@ def split_datasets(cfg: Config, shards_dir: str | Path | None = None) -> dict[st
     folder = Path(shards_dir or cfg.data.shards_dir)
     load_manifest(folder)
     return {s: preprocessed_split(cfg, s, folder) for s in SPLITS if any((folder / s).glob("*.parquet"))}
+
+
+def local_batches(files: list[str], cfg: Config, train: bool, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The same preprocessing in this process, in shard order, without Ray: evaluation (whose TTA passes must
+    line up row by row) and the single-process baseline of ``cxr bench data``."""
+    key = config_key(cfg)
+    for file in files:
+        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=SHARD_COLUMNS):
+            arrays = preprocess_table(pa.Table.from_batches([record_batch]), key, train)
+            yield {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
 def iter_training_batches(
