@@ -92,6 +92,8 @@ class ArchConfig(Strict):
     name: str
     pretrained: Path | None = None
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    # Extra keyword arguments for timm.create_model, e.g. {patch_size: 8} for a ViT on small inputs.
+    options: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
 class ModelConfig(Strict):
@@ -162,6 +164,12 @@ class EnsembleConfig(Strict):
 
 
 class DeploymentConfig(Strict):
+    """One model deployment of the Serve app (CNN or ViT): where its weights come from, scaling and batching."""
+
+    # Weights: a checkpoint directory, or an MLflow registered model version "name/version" (e.g. cxr-cnn/3);
+    # neither: the best checkpoint of the last `cxr train --model <role>` (<train.run_dir>/latest-<role>.json).
+    checkpoint: Path | None = None
+    registered_model: str | None = Field(None, pattern=r"^[^/]+/\d+$")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     initial_replicas: int = Field(1, ge=0)
@@ -170,24 +178,53 @@ class DeploymentConfig(Strict):
     max_queued_requests: int = Field(64, ge=-1)
     batch_max_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0)
-    num_cpus: float = Field(1.0, gt=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)  # torch in the replica uses max(1, floor(num_cpus)) threads
     num_gpus: Literal["auto"] | float = "auto"  # "auto": a fraction of a GPU where the cluster has GPUs
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> DeploymentConfig:
         if not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("replicas must satisfy min_replicas <= initial_replicas <= max_replicas")
+        if self.checkpoint is not None and self.registered_model is not None:
+            raise ValueError("give checkpoint or registered_model, not both")
         return self
+
+
+class RouterConfig(Strict):
+    """The HTTP ingress (EnsembleRouter): decoding, preprocessing and the gate; it holds no model."""
+
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(128, ge=-1)  # past this the proxy answers 503 at once
+    num_cpus: float = Field(1.0, gt=0.0)
 
 
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    max_upload_mb: float = Field(20.0, gt=0.0)
-    max_pixels: int = Field(50_000_000, ge=1)
-    api_key_env: str | None = None
+    max_upload_mb: float = Field(20.0, gt=0.0)  # per image; larger uploads get 413 before they are read
+    max_pixels: int = Field(50_000_000, ge=1)  # width x height from the header; more is a decompression bomb (413)
+    max_batch_images: int = Field(16, ge=1)  # images per POST /v1/predict/batch
+    request_timeout_s: float = Field(30.0, gt=0.0)  # one model call; past it the request gets 503
+    api_key_env: str | None = None  # name of the environment variable holding the API key; None: no key
+    dicom_modalities: list[str] = ["CR", "DX", "DR", "RG"]  # projection radiography only
+    finding_threshold: float = Field(0.5, ge=0.0, le=1.0)  # nih14 findings reported above this probability ...
+    finding_thresholds: dict[str, float] = {}  # ... or above a per-finding value given here
+    router: RouterConfig = RouterConfig()
     cnn: DeploymentConfig = DeploymentConfig()
     vit: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _known_findings(self) -> ServeConfig:
+        from models.labels import NIH14  # models/ imports no config, so no cycle; kept local to stay light
+
+        unknown = sorted(set(self.finding_thresholds) - set(NIH14))
+        if unknown:
+            raise ValueError(f"finding_thresholds: unknown findings {unknown}; known: {list(NIH14)}")
+        bad = {k: v for k, v in self.finding_thresholds.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"finding_thresholds: values must be in [0, 1], got {bad}")
+        return self
 
 
 # ------------------------------------------------------------------------------------- cluster, mlflow
@@ -223,6 +260,8 @@ class Config(Strict):
         for role in ("cnn", "vit"):
             if tree["model"][role]["pretrained"]:
                 tree["model"][role]["pretrained"] = str(Path(tree["model"][role]["pretrained"]).resolve())
+            if tree["serve"][role]["checkpoint"]:
+                tree["serve"][role]["checkpoint"] = str(Path(tree["serve"][role]["checkpoint"]).resolve())
         return Config.model_validate(tree)
 
 

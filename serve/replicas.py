@@ -1,0 +1,92 @@
+"""The CNN and ViT model deployments: one network per replica, requests batched with ``@serve.batch``.
+
+A replica takes preprocessed uint8 images ``[1, S, S]`` (the router decodes and preprocesses once) and returns
+probabilities per head (nih14 sigmoid, covid softmax) as numpy arrays. The forward pass runs in a worker thread,
+so the replica's event loop keeps queueing the next batch while this one computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+log = logging.getLogger(__name__)
+
+# Defaults only: __init__ sets the configured size and wait on the batch queue before the first request.
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_WAIT_S = 0.005
+
+
+class ModelReplica:
+    """One network (CNN or ViT) loaded from a source dict of ``serve.model_source.resolve_source``."""
+
+    def __init__(self, source: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float, threads: int):
+        import torch  # in the replica only: building the app must not load torch models
+
+        from models.checkpoint import load_checkpoint, model_from_checkpoint
+        from serve.model_source import materialize
+        from serve.preprocess import PreprocessSpec
+
+        torch.set_num_threads(threads)  # one thread per replica on small machines: two collapse under load
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        checkpoint_dir, facts = materialize(source)
+        payload = load_checkpoint(checkpoint_dir)
+        self.model = model_from_checkpoint(checkpoint_dir, payload).to(self.device)
+        self.info = {
+            "role": source["role"],
+            "arch": payload["arch"],
+            "version": source.get("version"),
+            "checkpoint": str(checkpoint_dir),
+            "registered_model": source.get("registered_model"),
+            "mlflow_run_id": facts.get("mlflow_run_id"),
+            "epoch": payload.get("epoch"),
+            "metrics": {k: v if v == v else None for k, v in payload.get("metrics", {}).items()},  # NaN: no JSON
+            "label_spaces": payload["label_spaces"],
+            "preprocessing": {**payload["preprocessing"], **vars(PreprocessSpec.from_checkpoint_meta(payload))},
+            "device": str(self.device),
+        }
+        del payload  # the optimizer state is not needed to serve
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.predict.set_max_batch_size(batch_max_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        log.info("%s replica ready: %s on %s (pid %d)", source["role"], self.info["version"], self.device, os.getpid())
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts for /v1/model and the router's preprocessing; answered only once weights are loaded."""
+        return self.info
+
+    @serve.batch(max_batch_size=DEFAULT_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        batch = np.stack(images)
+        probs = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch)
+        return [{head: values[i] for head, values in probs.items()} for i in range(len(images))]
+
+    def _forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return probabilities(self.model, batch, self.device)
+
+
+def probabilities(model, batch: np.ndarray, device) -> dict[str, np.ndarray]:
+    """uint8 [B, 1, S, S] -> {"nih14": sigmoid [B, 14], "covid": softmax [B, C]}; the benchmark's direct path too."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(batch).to(device, non_blocking=True))
+        return {
+            "nih14": torch.sigmoid(logits["nih14"].float()).cpu().numpy(),
+            "covid": torch.softmax(logits["covid"].float(), dim=-1).cpu().numpy(),
+        }
+
+
+def torch_threads(num_cpus: float) -> int:
+    return max(1, math.floor(num_cpus))
+
+
+CNNModel = serve.deployment(name="CNNModel")(ModelReplica)
+ViTModel = serve.deployment(name="ViTModel")(ModelReplica)

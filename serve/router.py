@@ -1,0 +1,212 @@
+"""``EnsembleRouter``: the HTTP ingress (a Starlette app inside a Serve deployment) in front of the two models.
+
+Routes (all JSON):
+    POST /v1/predict[?mode=adaptive|cnn|vit|ensemble]   one image: multipart file or raw body
+    POST /v1/predict/batch[?mode=...]                   several file parts: one result or error per image, in order
+    GET  /v1/health                                     200 only when both models are loaded (never needs the key)
+    GET  /v1/model                                      versions, checkpoints, label spaces, ensemble settings
+
+The Starlette app is built per replica by ``__serve_build_asgi_app__`` (``serve.ingress()`` without an app), so
+its routes close over this replica's handles and live gate settings. ``reconfigure`` takes the ``user_config``
+(weights, threshold, finding thresholds) and swaps it atomically; model replicas are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serve.inputs import InputLimits, InputRejected, decode_upload
+from serve.metrics import ServeMetrics
+from serve.pipeline import ROLES, EnsemblePipeline, ModelUnavailable
+from serve.schema import API_VERSION, MODES, GateSettings, error_body, prediction_body
+from serve.uploads import Upload, read_uploads
+
+log = logging.getLogger(__name__)
+HEALTH_TIMEOUT_S = 2.0
+
+
+def _error(status: int, reason: str, detail: str) -> JSONResponse:
+    return JSONResponse(error_body(status, reason, detail), status_code=status)
+
+
+@serve.deployment(name="EnsembleRouter")
+@serve.ingress()
+class EnsembleRouter:
+    def __init__(self, cnn: DeploymentHandle, vit: DeploymentHandle, options: dict[str, Any]) -> None:
+        self.pipeline = EnsemblePipeline({"cnn": cnn, "vit": vit}, options["request_timeout_s"])
+        self.limits = InputLimits.from_serve_config(
+            options["max_upload_mb"], options["max_pixels"], options["dicom_modalities"]
+        )
+        self.max_batch_images = options["max_batch_images"]
+        self.api_key = self._api_key(options.get("api_key_env"))
+        self.settings = GateSettings.from_user_config(options["gate"])  # until the first reconfigure
+        self.metrics = ServeMetrics()
+
+    @staticmethod
+    def _api_key(env_name: str | None) -> str | None:
+        if not env_name:
+            return None
+        key = os.environ.get(env_name)
+        if not key:  # refuse to start open when the operator asked for a key
+            raise RuntimeError(f"serve.api_key_env is {env_name!r} but that variable is empty in the router's env")
+        return key
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.settings = GateSettings.from_user_config(user_config)
+        log.info("gate settings now w_cnn=%s threshold=%s", self.settings.w_cnn, self.settings.threshold)
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        routes = [
+            Route("/v1/predict", self.predict, methods=["POST"]),
+            Route("/v1/predict/batch", self.predict_batch, methods=["POST"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+            Route("/v1/model", self.model, methods=["GET"]),
+        ]
+        return Starlette(routes=routes)
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _unauthorised(self, request: Request) -> JSONResponse | None:
+        if self.api_key is None:
+            return None
+        given = request.headers.get("x-api-key") or ""
+        bearer = request.headers.get("authorization", "")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:].strip()
+        if given and hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return None
+        return _error(401, "unauthorized", "missing or wrong API key (header X-API-Key or Authorization: Bearer)")
+
+    @staticmethod
+    def _mode(request: Request) -> str:
+        mode = request.query_params.get("mode", "adaptive")
+        if mode not in MODES:
+            raise InputRejected(400, "bad_mode", f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        return mode
+
+    # ------------------------------------------------------------------------------------------ routes
+
+    async def predict(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        mode = request.query_params.get("mode", "adaptive")
+        if denied := self._unauthorised(request):
+            self.metrics.answered("predict", mode, 401)
+            return denied
+        try:
+            mode = self._mode(request)
+            uploads = await read_uploads(request, self.limits.max_bytes, 1)
+            status, body = await self._answer_one(uploads[0], mode, started)
+        except InputRejected as err:
+            self.metrics.rejected(err.reason)
+            status, body = err.status, err.as_json()
+        self.metrics.answered("predict", mode, status)
+        return JSONResponse(body, status_code=status)
+
+    async def predict_batch(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        mode = request.query_params.get("mode", "adaptive")
+        if denied := self._unauthorised(request):
+            self.metrics.answered("batch", mode, 401)
+            return denied
+        try:
+            mode = self._mode(request)
+            if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+                raise InputRejected(400, "expected_multipart", "send the images as file parts of multipart/form-data")
+            uploads = await read_uploads(request, self.limits.max_bytes, self.max_batch_images)
+        except InputRejected as err:
+            self.metrics.rejected(err.reason)
+            self.metrics.answered("batch", mode, err.status)
+            return JSONResponse(err.as_json(), status_code=err.status)
+        answers = await asyncio.gather(*(self._answer_one(upload, mode, started) for upload in uploads))
+        results = []
+        for index, (upload, (status, body)) in enumerate(zip(uploads, answers, strict=True)):
+            self.metrics.answered("batch", mode, status)
+            results.append({"index": index, "filename": upload.filename, "status": status, **body})
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        return JSONResponse({"api_version": API_VERSION, "mode": mode, "results": results, "latency_ms": elapsed_ms})
+
+    async def _answer_one(self, upload: Upload, mode: str, started: float) -> tuple[int, dict[str, Any]]:
+        """(status, body) for one image; never raises on input, so a batch answers every image."""
+        settings = self.settings  # one consistent snapshot even if reconfigure lands mid-request
+        try:
+            if upload.rejected is not None:
+                raise upload.rejected
+            decode_started = time.perf_counter()
+            gray, image_format = await asyncio.to_thread(decode_upload, upload.data, self.limits)
+            decode_ms = (time.perf_counter() - decode_started) * 1e3
+            result = await self.pipeline.answer(gray, mode, settings)
+        except InputRejected as err:
+            self.metrics.rejected(err.reason)
+            return err.status, err.as_json()
+        except ModelUnavailable as err:
+            return 503, error_body(503, err.reason, err.detail)
+        except Exception as err:  # the router must not fall over on anything an input triggers
+            log.error("unexpected %s while answering a request", type(err).__name__)  # no image content logged
+            return 500, error_body(500, "internal", type(err).__name__)
+        if result["escalated"]:
+            self.metrics.escalated()
+        labels = (await self.pipeline.describe(result["models_used"][0]))["label_spaces"]
+        body = {
+            "api_version": API_VERSION,
+            "mode": mode,
+            **prediction_body(result["probs"], labels, settings),
+            "cnn_confidence": result["cnn_confidence"],
+            "models_used": result["models_used"],
+            "gate": {"threshold": settings.threshold, "w_cnn": settings.w_cnn, "escalated": result["escalated"]},
+            "model_versions": {role: self.pipeline.info[role]["version"] for role in result["models_used"]},
+            "input": {"format": image_format, "width": int(gray.shape[1]), "height": int(gray.shape[0])},
+            "latency_ms": {
+                "total": (time.perf_counter() - started) * 1e3,
+                "decode": decode_ms,
+                **{k.removesuffix("_ms"): v for k, v in result["timings"].items()},
+            },
+        }
+        return 200, body
+
+    async def health(self, request: Request) -> JSONResponse:
+        states = await asyncio.gather(*(self._model_state(role) for role in ROLES))
+        models = dict(zip(ROLES, states, strict=True))
+        ready = all(state == "ready" for state in states)
+        return JSONResponse({"status": "ready" if ready else "not_ready", "models": models}, 200 if ready else 503)
+
+    async def _model_state(self, role: str) -> str:
+        try:
+            await self.pipeline.call(role, "describe", timeout_s=HEALTH_TIMEOUT_S)
+        except ModelUnavailable as err:
+            return err.reason
+        return "ready"
+
+    async def model(self, request: Request) -> JSONResponse:
+        if denied := self._unauthorised(request):
+            return denied
+        models = {}
+        for role in ROLES:
+            try:
+                models[role] = await self.pipeline.describe(role, timeout_s=HEALTH_TIMEOUT_S)
+            except ModelUnavailable as err:
+                models[role] = {"status": err.reason}
+        body = {
+            "api_version": API_VERSION,
+            "models": models,
+            "ensemble": self.settings.as_dict(),
+            "modes": list(MODES),
+            "limits": {
+                "max_upload_bytes": self.limits.max_bytes,
+                "max_pixels": self.limits.max_pixels,
+                "max_batch_images": self.max_batch_images,
+                "dicom_modalities": sorted(self.limits.dicom_modalities),
+            },
+        }
+        return JSONResponse(body)

@@ -1,0 +1,88 @@
+"""Reading uploads from an HTTP request with hard size limits, entirely in memory.
+
+A declared ``Content-Length`` over the limit is refused before a byte is read; a body that streams past it is cut
+off there. Multipart bodies are parsed with Starlette's parser, but with its spool limit raised to the body limit,
+so an uploaded file never rolls over into a temporary file on disk (Starlette's default spills above 1 MB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from serve.inputs import InputRejected
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the image bytes
+
+
+@dataclass
+class Upload:
+    """One image in a request: its bytes, or why it was refused before decoding (e.g. a part over the limit)."""
+
+    filename: str | None
+    data: bytes = b""
+    rejected: InputRejected | None = None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise InputRejected(400, "bad_request", "Content-Length is not a number") from None
+        if declared_bytes > limit:
+            raise InputRejected(413, "too_large", f"{declared_bytes} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputRejected(413, "too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+    yield b""
+
+
+async def _multipart_files(request: Request, body: bytes, max_files: int) -> list[tuple[str | None, bytes]]:
+    parser = MultiPartParser(request.headers, _once(body), max_files=max_files, max_fields=max_files)
+    parser.spool_max_size = len(body) + 1  # keep every file in memory: nothing about an image touches the disk
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        if "too many files" in str(err).lower():
+            raise InputRejected(413, "too_many_images", f"at most {max_files} image(s) per request") from None
+        raise InputRejected(400, "bad_multipart", str(err)) from None
+    files = []
+    try:
+        for _name, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.append((value.filename, await value.read()))
+    finally:
+        await form.close()
+    return files
+
+
+async def read_uploads(request: Request, max_bytes: int, max_images: int) -> list[Upload]:
+    """The images of a request: every file part of a multipart body, or the raw body as one image."""
+    content_type = request.headers.get("content-type", "")
+    multipart = content_type.lower().startswith("multipart/form-data")
+    limit = max_bytes * max_images + (MULTIPART_OVERHEAD * max_images if multipart else 0)
+    body = await read_body(request, limit)
+    if not multipart:
+        return [Upload(None, body)]
+    files = await _multipart_files(request, body, max_images)
+    if not files:
+        raise InputRejected(400, "no_file", "multipart body holds no file part (send the image as a file field)")
+    uploads = []
+    for filename, data in files:
+        too_big = len(data) > max_bytes
+        rejected = InputRejected(413, "too_large", f"{len(data)} bytes exceeds {max_bytes}") if too_big else None
+        uploads.append(Upload(filename, b"" if too_big else data, rejected))
+    return uploads
