@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config
-from pipelines.train import latest_summary
 from pipelines.tracking import tracking_uri
+from pipelines.train import latest_summary
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from models.ensemble import confidence, fuse, needs_vit
-from serve.preprocess import PreprocessSpec, Preprocessor
+from serve.preprocess import Preprocessor, PreprocessSpec
 from serve.schema import GateSettings
 
 ROLES = ("cnn", "vit")
