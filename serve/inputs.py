@@ -113,7 +113,11 @@ def decode_dicom(data: bytes, limits: InputLimits) -> np.ndarray:
     _check_dicom_header(header, limits)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
+        if "PixelData" not in dataset and "FloatPixelData" not in dataset:
+            raise InputRejected(400, "no_pixels", "the DICOM file holds no pixel data")
         pixels = dataset.pixel_array
+    except InputRejected:
+        raise
     except (NotImplementedError, RuntimeError) as err:
         syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise InputRejected(415, "unsupported_encoding", f"cannot decode transfer syntax {syntax}: {err}") from None
@@ -128,8 +132,6 @@ def _check_dicom_header(header, limits: InputLimits) -> None:
     if modality not in limits.dicom_modalities:
         allowed = ", ".join(sorted(limits.dicom_modalities))
         raise InputRejected(415, "modality_not_allowed", f"modality {modality or 'missing'!r}; accepted: {allowed}")
-    if "PixelData" not in header and "FloatPixelData" not in header:
-        raise InputRejected(400, "no_pixels", "the DICOM file holds no pixel data")
     rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
     frames = int(header.get("NumberOfFrames", 1) or 1)
     if rows < 1 or columns < 1:
