@@ -8,6 +8,7 @@ import sys
 BENCHMARKS: dict[str, str] = {
     "data": "pipelines.bench_data",
     "train": "pipelines.bench_train",
+    "serve": "pipelines.bench_serve",
 }
 
 

@@ -1,0 +1,84 @@
+"""`cxr serve`: run the Serve application (CNN, ViT, EnsembleRouter) on a local or joined Ray, until Ctrl-C.
+
+The same app `serve run serve/serve_config.yaml` deploys; this command adds checkpoint and ensemble overrides and
+prints the URL with a first request to try.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from pipelines.cli_args import add_config_args, config_from_args
+from pipelines.config import ConfigError
+from pipelines.ensemble_settings import EnsembleSettingsError
+from pipelines.ray_runtime import ensure_ray
+
+log = logging.getLogger(__name__)
+APP_NAME = "cxr"
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/v1/health", timeout=5).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cnn", type=Path, help="CNN checkpoint dir (default: serve.cnn.* or the last training)")
+    parser.add_argument("--vit", type=Path, help="ViT checkpoint dir (default: serve.vit.* or the last training)")
+    parser.add_argument(
+        "--ensemble", type=Path, help="ensemble.yaml (default: <train.run_dir>/ensemble.yaml or config)"
+    )
+    parser.add_argument(
+        "--no-block", action="store_true", help="deploy, wait until ready, and return (Serve keeps running)"
+    )
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.model_source import ModelSourceError
+
+    try:
+        cfg = config_from_args(args)
+        app = build_app(cfg, args.cnn, args.vit, args.ensemble)
+    except (ConfigError, ModelSourceError, EnsembleSettingsError, ValueError) as err:
+        print(f"cxr serve: error: {err}", file=sys.stderr)
+        return 2
+    ensure_ray(cfg)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    if not wait_ready(url):
+        print(f"cxr serve: {url}/v1/health did not report ready; see the Serve logs", file=sys.stderr)
+        return 1
+    key = f' -H "X-API-Key: ${cfg.serve.api_key_env}"' if cfg.serve.api_key_env else ""
+    print(f"serving at {url}  (API: {url}/v1/predict, /v1/predict/batch, /v1/health, /v1/model)")
+    print(f"try: curl{key} --data-binary @image.png '{url}/v1/predict?mode=adaptive'")
+    if args.no_block:
+        return 0
+    print("Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down Serve")
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
