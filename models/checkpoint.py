@@ -49,6 +49,7 @@ def save_checkpoint(
     meta = {
         "role": role,
         "arch": net.arch,
+        "arch_options": net.options,
         "epoch": epoch,
         "label_spaces": {"nih14": list(NIH14), "covid": list(net.covid_classes)},
         "preprocessing": {
@@ -85,7 +86,12 @@ def model_from_checkpoint(directory: str | Path, payload: dict[str, Any] | None 
     payload = payload or load_checkpoint(directory)
     pre = payload["preprocessing"]
     model = CxrNet(
-        payload["arch"], pre["input_size"], tuple(payload["label_spaces"]["covid"]), mean=pre["mean"], std=pre["std"]
+        payload["arch"],
+        pre["input_size"],
+        tuple(payload["label_spaces"]["covid"]),
+        mean=pre["mean"],
+        std=pre["std"],
+        options=payload.get("arch_options"),
     )
     model.load_state_dict(payload["model"])
     return model.eval()

@@ -31,8 +31,9 @@ def build_model(
     std: float = 0.25,
     drop_rate: float = 0.0,
     pretrained: str | Path | None = None,
+    options: dict[str, Any] | None = None,
 ) -> CxrNet:
-    model = CxrNet(arch, input_size, covid_classes, mean=mean, std=std, drop_rate=drop_rate)
+    model = CxrNet(arch, input_size, covid_classes, mean=mean, std=std, drop_rate=drop_rate, options=options)
     if pretrained:
         load_pretrained(model, pretrained)
     return model

@@ -6,6 +6,8 @@ export), and data moves as uint8 up to the device.
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 from torch import nn
@@ -24,11 +26,13 @@ class CxrNet(nn.Module):
         mean: float = 0.5,
         std: float = 0.25,
         drop_rate: float = 0.0,
+        options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.options = dict(options or {})
         kwargs = {"img_size": input_size} if _takes_img_size(arch) else {}
         self.backbone = timm.create_model(
-            arch, pretrained=False, num_classes=0, in_chans=1, drop_rate=drop_rate, **kwargs
+            arch, pretrained=False, num_classes=0, in_chans=1, drop_rate=drop_rate, **kwargs, **self.options
         )
         features = self.backbone.num_features
         self.heads = nn.ModuleDict(

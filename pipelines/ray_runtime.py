@@ -12,13 +12,44 @@ from pipelines.config import Config
 log = logging.getLogger(__name__)
 
 
+QUIET_WORKERS_HOOK = "pipelines.ray_runtime.quiet_worker_logs"
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every worker process: drop Ray Train's per-report INFO line (it prints the whole metrics dict
+    of every rank every epoch), so the console shows our one line per epoch."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Train V2 logs those lines under the module's file path, not a dotted name
+        from ray.train.v2._internal.execution import context
+
+        context.logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def ensure_ray(cfg: Config) -> None:
-    """``ray.init`` once per process; under ``ray job submit`` RAY_ADDRESS points at the cluster."""
+    """``ray.init`` once per process; under ``ray job submit`` RAY_ADDRESS points at the cluster.
+
+    A local Ray started here gets the dashboard on ``cluster.dashboard_host`` (loopback by default): people
+    watch jobs and Train runs there, and Ray's state API behind it is what Train uses to clean up after itself.
+    """
     if ray.is_initialized():
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"include_dashboard": False} if address is None else {}
-    if address is None and cfg.cluster.num_cpus:
-        kwargs["num_cpus"] = cfg.cluster.num_cpus
-    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, **kwargs)
+    kwargs: dict = {}
+    if address is None:
+        kwargs = {
+            "include_dashboard": True,
+            "dashboard_host": cfg.cluster.dashboard_host,
+            "dashboard_port": cfg.cluster.dashboard_port,
+        }
+        if cfg.cluster.num_cpus:
+            kwargs["num_cpus"] = cfg.cluster.num_cpus
+    ray.init(
+        address=address,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+        runtime_env={"worker_process_setup_hook": QUIET_WORKERS_HOOK},
+        **kwargs,
+    )
     log.info("ray: %s", ray.cluster_resources())

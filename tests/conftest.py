@@ -22,7 +22,13 @@ def ray_session():
     """One local Ray (2 CPUs) shared by every test marked `ray`."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        configure_logging=False,
+        runtime_env={"worker_process_setup_hook": "pipelines.ray_runtime.quiet_worker_logs"},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
