@@ -210,6 +210,7 @@ class ServeConfig(Strict):
     dicom_modalities: list[str] = ["CR", "DX", "DR", "RG"]  # projection radiography only
     finding_threshold: float = Field(0.5, ge=0.0, le=1.0)  # nih14 findings reported above this probability ...
     finding_thresholds: dict[str, float] = {}  # ... or above a per-finding value given here
+    access_log: bool = False  # Serve's per-request access log lines; off, they cost CPU on small machines
     router: RouterConfig = RouterConfig()
     cnn: DeploymentConfig = DeploymentConfig()
     vit: DeploymentConfig = DeploymentConfig()

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ensemble", type=Path, help="ensemble.yaml (default: <train.run_dir>/ensemble.yaml or config)"
     )
     parser.add_argument(
-        "--no-block", action="store_true", help="deploy, wait until ready, and return (Serve keeps running)"
+        "--no-block",
+        action="store_true",
+        help="deploy, wait until ready and return: for a cluster (cluster.address); a local Ray ends with this process",
     )
     add_config_args(parser)
     args = parser.parse_args(argv)

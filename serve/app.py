@@ -33,9 +33,10 @@ def _num_gpus(setting: str | float) -> float:
     return GPU_SHARE_AUTO if has_gpu else 0.0
 
 
-def deployment_options(deployment: DeploymentConfig) -> dict[str, Any]:
+def deployment_options(deployment: DeploymentConfig, access_log: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``Deployment.options`` for one model deployment."""
     return {
+        "logging_config": {"enable_access_log": access_log},
         "autoscaling_config": {
             "min_replicas": deployment.min_replicas,
             "initial_replicas": deployment.initial_replicas,
@@ -73,7 +74,7 @@ def build_app(
     models = {}
     for role, deployment, checkpoint in (("cnn", CNNModel, cnn_checkpoint), ("vit", ViTModel, vit_checkpoint)):
         settings = getattr(cfg.serve, role)
-        models[role] = deployment.options(**deployment_options(settings)).bind(
+        models[role] = deployment.options(**deployment_options(settings, cfg.serve.access_log)).bind(
             resolve_source(cfg, role, checkpoint),
             settings.batch_max_size,
             settings.batch_wait_timeout_s,
@@ -100,6 +101,7 @@ def build_app(
         max_queued_requests=router.max_queued_requests,
         ray_actor_options=actor_options,
         user_config=options["gate"],
+        logging_config={"enable_access_log": cfg.serve.access_log},
     ).bind(models["cnn"], models["vit"], options)
 
 
