@@ -14,6 +14,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("pipelines.ingest", "raw dataset folders -> validated parquet shards per split (Ray Data)"),
     "train": ("pipelines.train", "train the CNN or the ViT with DDP on Ray Train, tracked in MLflow"),
     "evaluate": ("pipelines.evaluate", "CNN, ViT, fused and gated ensemble side by side on the test split"),
+    "tune": ("tune.cli", "Ray Tune sweeps: `cxr tune train` (lr, weight decay, dropout), `cxr tune ensemble`"),
     "serve": ("pipelines.serve_cmd", "run the Ray Serve app (CNN, ViT, adaptive ensemble router) until Ctrl-C"),
     "bench": ("pipelines.bench", "benchmarks: `cxr bench data`"),
 }

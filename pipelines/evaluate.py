@@ -23,6 +23,7 @@ from models.ensemble import adaptive, fuse
 from pipelines import tracking
 from pipelines.cli_args import add_config_args, config_from_args
 from pipelines.config import Config, ConfigError
+from pipelines.ensemble_settings import EnsembleSettingsError, load_settings
 from pipelines.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
 from pipelines.report import write_report
 from pipelines.streaming import ShardsNotFoundError, local_batches, shard_files
@@ -66,13 +67,17 @@ def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[
     }
 
 
-def evaluate(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, tta: int = 0) -> dict[str, Any]:
+def evaluate(
+    cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, tta: int = 0, ensemble: Path | None = None
+) -> dict[str, Any]:
+    """``ensemble``: an ensemble.yaml; by default the one `cxr tune ensemble` wrote, else the config's values."""
     files = shard_files(cfg.data.shards_dir, "test")
     payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
     classes = tuple(payloads["cnn"]["label_spaces"]["covid"])
     preds = {role: predict_split(model_from_checkpoint(None, p), cfg, files, tta) for role, p in payloads.items()}
     cnn, vit = preds["cnn"], preds["vit"]
-    w, threshold = cfg.ensemble.w_cnn, cfg.ensemble.threshold
+    settings = load_settings(cfg, ensemble)
+    w, threshold = settings.w_cnn, settings.threshold
     fused = {**cnn, **fuse(cnn, vit, w)}
     gated_probs, used_vit = adaptive(
         {h: cnn[h] for h in ("nih14", "covid")}, {h: vit[h] for h in ("nih14", "covid")}, w, threshold, _scored(cnn)
@@ -82,7 +87,7 @@ def evaluate(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, tta: int = 0)
     metrics["adaptive"]["vit_fraction"] = float(used_vit.mean())
     summary = {
         "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
-        "ensemble": {"w_cnn": w, "threshold": threshold},
+        "ensemble": {"w_cnn": w, "threshold": threshold, "source": settings.source},
         "tta_passes": tta,
         "test_images": int(len(cnn["source"])),
         "systems": metrics,
@@ -115,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="report folder (default: <train.run_dir>/evaluation)")
     parser.add_argument(
+        "--ensemble", type=Path, help="ensemble.yaml (default: <train.run_dir>/ensemble.yaml if present, else config)"
+    )
+    parser.add_argument(
         "--tta", type=int, default=0, help="extra augmented passes averaged in (test-time augmentation)"
     )
     add_config_args(parser)
@@ -124,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         cnn = args.cnn or Path(latest_summary(cfg, "cnn")["best_checkpoint"])
         vit = args.vit or Path(latest_summary(cfg, "vit")["best_checkpoint"])
         out = args.out or Path(cfg.train.run_dir) / "evaluation"
-        summary = evaluate(cfg, cnn, vit, out, args.tta)
-    except (ConfigError, ShardsNotFoundError, CheckpointError, FileNotFoundError) as err:
+        summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble)
+    except (ConfigError, ShardsNotFoundError, CheckpointError, FileNotFoundError, EnsembleSettingsError) as err:
         print(f"cxr evaluate: error: {err}", file=sys.stderr)
         return 2
     print(f"{'system':<10}{'nih14 AUROC':>12}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
@@ -135,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<10}{h['nih_macro_auroc']:>12.3f}{h['covid_accuracy']:>11.3f}{h['covid_macro_f1']:>10.3f}"
             f"{m['calibration']['covid']['ece']:>11.3f}"
         )
-    print(f"adaptive gate sent {summary['systems']['adaptive']['vit_fraction']:.1%} of test images to the ViT")
+    ens = summary["ensemble"]
+    print(
+        f"adaptive gate (w_cnn {ens['w_cnn']:.2f}, threshold {ens['threshold']:.2f}, from {ens['source']}) sent "
+        f"{summary['systems']['adaptive']['vit_fraction']:.1%} of test images to the ViT"
+    )
     print(f"report: {out / 'report.md'}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
     return 0

@@ -38,18 +38,15 @@ def ensure_ray(cfg: Config) -> None:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {}
     if address is None:
-        kwargs = {
-            "include_dashboard": True,
-            "dashboard_host": cfg.cluster.dashboard_host,
-            "dashboard_port": cfg.cluster.dashboard_port,
-        }
+        # no fixed port: a second stage running beside this one takes the next free port instead of failing
+        kwargs = {"include_dashboard": True, "dashboard_host": cfg.cluster.dashboard_host}
         if cfg.cluster.num_cpus:
             kwargs["num_cpus"] = cfg.cluster.num_cpus
-    ray.init(
+    context = ray.init(
         address=address,
         log_to_driver=True,
         logging_level=logging.WARNING,
         runtime_env={"worker_process_setup_hook": QUIET_WORKERS_HOOK},
         **kwargs,
     )
-    log.info("ray: %s", ray.cluster_resources())
+    log.info("ray: %s; dashboard: %s", ray.cluster_resources(), context.dashboard_url or "none")

@@ -83,7 +83,8 @@ def write_report(
     lines = [
         "# Evaluation on the test split",
         "",
-        f"{summary['test_images']} test images; ensemble w_cnn={ens['w_cnn']}, threshold={ens['threshold']}; "
+        f"{summary['test_images']} test images; ensemble w_cnn={ens['w_cnn']:.3f}, threshold={ens['threshold']:.3f} "
+        f"(from {ens.get('source', 'config')}); "
         f"test-time augmentation passes: {summary['tta_passes']}.",
         f"The adaptive gate sent **{metrics['adaptive']['vit_fraction']:.1%}** of the test images to the ViT.",
         "",

@@ -54,14 +54,21 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def start_run(cfg: Config, run_name: str, role: str, run_id: str | None = None) -> str:
-    """Start (or resume, given ``run_id``) the MLflow run of a training run; logs params and config.yaml once."""
+def start_run(
+    cfg: Config, run_name: str, role: str, run_id: str | None = None, tags: dict[str, str] | None = None
+) -> str:
+    """Start (or resume, given ``run_id``) the MLflow run of a training run; logs params and config.yaml once.
+
+    ``tags`` may carry ``mlflow.parentRunId``: a sweep's trials are then nested under the sweep's run.
+    """
     experiment_id = _experiment_id(cfg)
     if run_id:
         mlflow.start_run(run_id=run_id)
         return run_id
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, tags={"role": role, "model": getattr(cfg.model, role).name}
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags={"role": role, "model": getattr(cfg.model, role).name, **(tags or {})},
     )
     tree = cfg.model_dump(mode="json")
     params = {k: ("null" if v is None else str(v))[:500] for k, v in flatten(tree).items()}

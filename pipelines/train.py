@@ -44,7 +44,15 @@ def _dataset_info(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_trainer(cfg: Config, role: str, run_name: str) -> TorchTrainer:
+def build_trainer(
+    cfg: Config,
+    role: str,
+    run_name: str,
+    callbacks: list | None = None,
+    mlflow_tags: dict[str, str] | None = None,
+) -> TorchTrainer:
+    """``callbacks`` go to Ray Train (a sweep passes TuneReportCallback); ``mlflow_tags`` to the run's MLflow run
+    (a sweep links each trial to its parent run)."""
     manifest = load_manifest(cfg.data.shards_dir)
     use_gpu = resolve_use_gpu(cfg.train.use_gpu)
     return TorchTrainer(
@@ -54,6 +62,7 @@ def build_trainer(cfg: Config, role: str, run_name: str) -> TorchTrainer:
             "role": role,
             "run_name": run_name,
             "info": _dataset_info(manifest),
+            "mlflow_tags": mlflow_tags or {},
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -65,6 +74,7 @@ def build_trainer(cfg: Config, role: str, run_name: str) -> TorchTrainer:
             storage_path=str(Path(cfg.train.run_dir).resolve()),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report lines; ours stay
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
                 checkpoint_score_attribute="val_score",
@@ -125,7 +135,7 @@ def config_with_tune_result(cfg: Config, path: Path) -> Config:
     found = yaml.safe_load(path.read_text()) or {}
     tree = cfg.model_dump(mode="json")
     for key, value in (found.get("best_config") or {}).items():
-        tree = apply_override(tree, f"{key}={yaml.safe_dump(value).strip()}")
+        tree = apply_override(tree, f"{key}={json.dumps(value)}")
     return config_from_dict(tree, str(path))
 
 

@@ -50,7 +50,7 @@ def _build(cfg: Config, role: str, info: dict[str, Any], steps_per_epoch: int):
     arch = getattr(cfg.model, role)
     model = build_model(
         arch.name, cfg.model.input_size, tuple(info["covid_classes"]), cfg.model.mean, cfg.model.std,
-        arch.drop_rate, arch.pretrained,
+        arch.drop_rate, arch.pretrained, arch.options,
     )  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = round(cfg.train.warmup_epochs * steps_per_epoch)
@@ -86,7 +86,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     pos_weight = torch.tensor([info["positive_weights"][name] for name in NIH14], device=device)
     if rank == 0:
-        state["mlflow_run_id"] = tracking.start_run(cfg, loop_config["run_name"], role, state.get("mlflow_run_id"))
+        state["mlflow_run_id"] = tracking.start_run(
+            cfg, loop_config["run_name"], role, state.get("mlflow_run_id"), loop_config.get("mlflow_tags")
+        )
         if start_epoch:
             _console().info("resuming %s from its checkpoint of epoch %d", loop_config["run_name"], start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):

@@ -19,12 +19,15 @@ def real_samples() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray (2 CPUs) shared by every test marked `ray`."""
+    """One local Ray (2 CPUs) shared by every test marked `ray`. The dashboard runs (on loopback) because Ray
+    Train's placement-group cleaner asks its state API whether a controller is alive: without it, the workers'
+    CPUs of a sweep trial that Tune stops early are never given back."""
     import ray
 
     ray.init(
         num_cpus=2,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         logging_level="ERROR",
         configure_logging=False,
         runtime_env={"worker_process_setup_hook": "pipelines.ray_runtime.quiet_worker_logs"},

@@ -1,0 +1,189 @@
+"""`cxr tune ensemble` (stage B): search the fusion weight and the gate threshold with Ray Tune.
+
+The CNN's and the ViT's validation predictions are computed once (cached beside their checkpoints); each trial
+then scores one (w_cnn, threshold) point on them. The chosen point goes to ``<train.run_dir>/ensemble.yaml``,
+which evaluation and serving read, with a plot of quality against the fraction of images sent to the ViT; the
+chosen point is then reported on the test split against CNN-only and always-ensemble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from models.checkpoint import CheckpointError, load_checkpoint
+from pipelines import tracking
+from pipelines.cli_args import add_config_args, config_from_args
+from pipelines.config import Config, ConfigError, EnsembleTuneConfig
+from pipelines.ensemble_settings import default_path, write_settings
+from pipelines.ray_runtime import ensure_ray
+from pipelines.streaming import ShardsNotFoundError
+from pipelines.train import latest_summary
+from tune.objective import evaluate_point, reference_points
+from tune.plots import plot_tradeoff
+from tune.predictions import split_predictions
+
+log = logging.getLogger(__name__)
+SEARCH_SPACE = {"w_cnn": (0.0, 1.0), "threshold": (0.5, 1.0)}
+
+
+def _score_point(config: dict[str, float], cnn, vit, classes, settings) -> dict[str, Any]:
+    """One trial: the gated ensemble at the sampled point, on the cached validation predictions."""
+    return evaluate_point(cnn, vit, config["w_cnn"], config["threshold"], classes, settings)
+
+
+def search(
+    cnn: dict[str, np.ndarray],
+    vit: dict[str, np.ndarray],
+    classes: tuple[str, ...],
+    settings: EnsembleTuneConfig,
+    storage: Path,
+    name: str = "tune-ensemble",
+    seed: int = 0,
+    start: dict[str, float] | None = None,
+) -> pd.DataFrame:
+    """Run the sweep; one row per trial with w_cnn, threshold and the figures of ``evaluate_point``."""
+    trainable = tune.with_parameters(_score_point, cnn=cnn, vit=vit, classes=classes, settings=settings)
+    space = {key: tune.uniform(low, high) for key, (low, high) in SEARCH_SPACE.items()}
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 1}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode="max",
+            num_samples=settings.num_samples,
+            # the configured point is always tried, so the sweep can only improve on it
+            search_alg=BasicVariantGenerator(points_to_evaluate=[start] if start else None, random_state=seed),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), verbose=0),
+    )
+    frame = tuner.fit().get_dataframe()
+    frame = frame.rename(columns={f"config/{key}": key for key in SEARCH_SPACE})
+    columns = ["w_cnn", "threshold", "objective", "quality", "vit_fraction", "feasible", "nih_macro_auroc"]
+    columns += ["covid_accuracy", "covid_macro_f1"]
+    return frame[columns].reset_index(drop=True)
+
+
+def choose(frame: pd.DataFrame) -> pd.Series:
+    """Best objective; among equals, the fewest ViT calls, then the weight nearest an even split."""
+    ranked = frame.assign(_balance=(frame["w_cnn"] - 0.5).abs())
+    ranked = ranked.sort_values(["objective", "vit_fraction", "_balance"], ascending=[False, True, True])
+    return ranked.iloc[0].drop("_balance")
+
+
+def _role_record(role: str, checkpoint: Path, cfg: Config) -> dict[str, Any]:
+    record: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    try:
+        summary = latest_summary(cfg, role)
+    except FileNotFoundError:
+        return record
+    if Path(summary["best_checkpoint"]) == checkpoint:
+        record.update({k: summary[k] for k in ("registered_model", "mlflow_run_id") if k in summary})
+    return record
+
+
+def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: int = 0) -> dict[str, Any]:
+    settings = cfg.tune.ensemble
+    classes = tuple(load_checkpoint(cnn_dir)["label_spaces"]["covid"])
+    val = {role: split_predictions(cfg, path, "val") for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
+    ensure_ray(cfg)
+    start = {"w_cnn": cfg.ensemble.w_cnn, "threshold": min(max(cfg.ensemble.threshold, 0.5), 1.0)}
+    frame = search(val["cnn"], val["vit"], classes, settings, out.parent / "tune", seed=seed, start=start)
+    best = choose(frame)
+    w_cnn, threshold = float(best["w_cnn"]), float(best["threshold"])
+    if not best["feasible"]:
+        log.warning("no point met vit_fraction <= %.2f; writing the least infeasible", settings.max_vit_fraction)
+    test = {role: split_predictions(cfg, path, "test") for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
+    figures = {
+        split: reference_points(preds["cnn"], preds["vit"], w_cnn, threshold, classes, settings)
+        for split, preds in (("validation", val), ("test", test))
+    }
+    plot = plot_tradeoff(frame, best, figures["validation"], settings, out.with_name("ensemble_tradeoff.png"))
+    write_settings(
+        out,
+        w_cnn,
+        threshold,
+        tuned_for={"cnn": _role_record("cnn", cnn_dir, cfg), "vit": _role_record("vit", vit_dir, cfg)},
+        objective=settings.model_dump(mode="json"),
+        trials=len(frame),
+        validation=_plain(figures["validation"]),
+        test=_plain(figures["test"]),
+        plot=str(plot),
+    )
+    run_id = _log_to_mlflow(cfg, out, plot, w_cnn, threshold, figures)
+    return {"w_cnn": w_cnn, "threshold": threshold, "figures": figures, "path": out, "plot": plot, "run_id": run_id}
+
+
+def _plain(points: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {k: (bool(v) if isinstance(v, bool | np.bool_) else round(float(v), 6)) for k, v in point.items()}
+        for name, point in points.items()
+    }
+
+
+def _log_to_mlflow(cfg: Config, out: Path, plot: Path, w_cnn: float, threshold: float, figures) -> str:
+    tracking.ensure_experiment(cfg)
+    with mlflow.start_run(run_name="tune-ensemble", tags={"stage": "tune-ensemble"}) as run:
+        mlflow.log_params({"w_cnn": w_cnn, "threshold": threshold, **cfg.tune.ensemble.model_dump(mode="json")})
+        for split, points in figures.items():
+            for name, point in points.items():
+                values = {f"{split}_{name}_{k}": float(v) for k, v in point.items() if not isinstance(v, bool)}
+                mlflow.log_metrics({k: v for k, v in values.items() if not math.isnan(v)})
+        mlflow.log_artifact(str(out))
+        mlflow.log_artifact(str(plot))
+        return run.info.run_id
+
+
+def format_table(points: dict[str, dict[str, Any]]) -> str:
+    header = f"{'':18} {'quality':>8} {'nih14 AUROC':>12} {'covid F1':>9} {'covid acc':>10} {'ViT fraction':>13}"
+    rows = [header]
+    for name, p in points.items():
+        rows.append(
+            f"{name:18} {p['quality']:8.3f} {p['nih_macro_auroc']:12.3f} {p['covid_macro_f1']:9.3f} "
+            f"{p['covid_accuracy']:10.3f} {p['vit_fraction']:13.1%}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr tune ensemble", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cnn", type=Path, help="CNN checkpoint directory (default: the last `cxr train` run)")
+    parser.add_argument("--vit", type=Path, help="ViT checkpoint directory (default: the last `cxr train` run)")
+    parser.add_argument("--out", type=Path, help="where to write ensemble.yaml (default: <train.run_dir>/)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args).with_absolute_paths()
+        cnn = args.cnn or Path(latest_summary(cfg, "cnn")["best_checkpoint"])
+        vit = args.vit or Path(latest_summary(cfg, "vit")["best_checkpoint"])
+        result = tune_ensemble(cfg, cnn, vit, (args.out or default_path(cfg)).resolve(), args.seed)
+    except (ConfigError, ShardsNotFoundError, CheckpointError, FileNotFoundError) as err:
+        print(f"cxr tune ensemble: error: {err}", file=sys.stderr)
+        return 2
+    settings = cfg.tune.ensemble
+    rule = (
+        f"quality with ViT fraction <= {settings.max_vit_fraction:.0%}"
+        if settings.objective == "constrained"
+        else f"quality - {settings.vit_cost} x ViT fraction"
+    )
+    print(f"chosen: w_cnn {result['w_cnn']:.3f}, threshold {result['threshold']:.3f}  (objective: {rule})")
+    for split in ("validation", "test"):
+        print(f"\n{split} split\n{format_table(result['figures'][split])}")
+    print(f"\nwritten: {result['path']}\nplot: {result['plot']}\nMLflow run: {result['run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
