@@ -7,8 +7,10 @@ Closed-loop clients on 127.0.0.1 (each sends its next request when the last one 
   serve ensemble ?mode=ensemble (both models every time)
   serve adaptive the gate at the tuned threshold (ensemble.yaml) or the config's
   unbatched     adaptive with ``batch_max_size=1`` on both models (the app is redeployed for it)
-Images: the demo's synthetic test split (PNG bytes from the shards). The table goes to stdout and, with
-``--write``, into the "Serving" section of benchmarks/RESULTS.md.
+Images: the demo's synthetic test split (PNG bytes from the shards), or the files of ``--images-dir``.
+``--full-size``: random-weight ``efficientnet_b0`` / ``vit_small_patch16_224`` checkpoints at 224 px instead of the
+trained ones (speed does not depend on the weights); cells cnn and ensemble only, at 1 and ``--clients``.
+The table goes to stdout and, with ``--write``, into a "Serving" section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,13 +37,40 @@ from pipelines.streaming import shard_files
 RESULTS = Path("benchmarks/RESULTS.md")
 
 
-def sample_images(cfg: Config, limit: int) -> list[bytes]:
+FULL_SIZE = {"cnn": "efficientnet_b0", "vit": "vit_small_patch16_224"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
+
+
+def files_in(folder: Path, limit: int) -> list[bytes]:
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not paths:
+        raise FileNotFoundError(f"no PNG, JPEG or DICOM files in {folder}")
+    return [p.read_bytes() for p in paths]
+
+
+def full_size_checkpoints(folder: Path) -> dict[str, Path]:
+    """Untrained production-size networks (224 px, stored images 256 px) saved as our checkpoints."""
+    from models.checkpoint import save_checkpoint
+    from models.factory import build_model
+
+    config = {"data": {"storage_size": 256}, "model": {"input_size": 224}}
+    return {
+        role: save_checkpoint(folder / role, build_model(arch, 224), role=role, epoch=0, config=config, metrics={})
+        for role, arch in FULL_SIZE.items()
+    }
+
+
+def sample_images(cfg: Config, limit: int) -> tuple[list[bytes], list[str]]:
+    """Test-split images (stored PNGs) and the head each is scored on, as evaluation and tuning score it."""
     images: list[bytes] = []
+    heads: list[str] = []
     for file in shard_files(cfg.data.shards_dir, "test"):
-        images += pq.read_table(file, columns=["image"]).column("image").to_pylist()
+        table = pq.read_table(file, columns=["image", "source"])
+        images += table.column("image").to_pylist()
+        heads += ["nih14" if source == "nih" else "covid" for source in table.column("source").to_pylist()]
         if len(images) >= limit:
             break
-    return images[:limit]
+    return images[:limit], heads[:limit]
 
 
 def closed_loop(send: Callable[[int], dict | None], clients: int, seconds: float, max_requests: int) -> dict:
@@ -87,7 +117,9 @@ def closed_loop(send: Callable[[int], dict | None], clients: int, seconds: float
     }
 
 
-def direct_sender(cfg: Config, images: list[bytes], mode: str) -> Callable[[int], dict | None]:
+def direct_sender(
+    cfg: Config, images: list[bytes], mode: str, checkpoints: dict[str, Path] | None = None
+) -> Callable[[int], dict | None]:
     """The serving path without Serve: decode, preprocess and forward in this process, one thread."""
     import torch
 
@@ -102,7 +134,7 @@ def direct_sender(cfg: Config, images: list[bytes], mode: str) -> Callable[[int]
     limits = InputLimits.from_serve_config(cfg.serve.max_upload_mb, cfg.serve.max_pixels, cfg.serve.dicom_modalities)
     models, preprocess = {}, {}
     for role in ("cnn", "vit"):
-        directory, _ = materialize(resolve_source(cfg, role))
+        directory, _ = materialize(resolve_source(cfg, role, (checkpoints or {}).get(role)))
         payload = load_checkpoint(directory)
         models[role] = model_from_checkpoint(directory, payload)
         preprocess[role] = Preprocessor(PreprocessSpec.from_checkpoint_meta(payload))
@@ -119,19 +151,20 @@ def direct_sender(cfg: Config, images: list[bytes], mode: str) -> Callable[[int]
     return send
 
 
-def http_sender(url: str, images: list[bytes], mode: str) -> Callable[[int], dict | None]:
+def http_sender(url: str, images: list[bytes], mode: str, heads: list[str] | None) -> Callable[[int], dict | None]:
     local = threading.local()
 
     def send(index: int) -> dict | None:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
-        answer = session.post(f"{url}/v1/predict", params={"mode": mode}, data=images[index % len(images)], timeout=60)
+        params = {"mode": mode, **({"head": heads[index % len(heads)]} if heads else {})}
+        answer = session.post(f"{url}/v1/predict", params=params, data=images[index % len(images)], timeout=60)
         return answer.json() if answer.status_code == 200 else None
 
     return send
 
 
-def deploy(cfg: Config, batched: bool) -> str:
+def deploy(cfg: Config, batched: bool, checkpoints: dict[str, Path] | None = None) -> str:
     from ray import serve
 
     from serve.app import build_app
@@ -139,7 +172,8 @@ def deploy(cfg: Config, batched: bool) -> str:
     if not batched:
         cfg = cfg.model_copy(deep=True)
         cfg.serve.cnn.batch_max_size = cfg.serve.vit.batch_max_size = 1
-    serve.run(build_app(cfg), name="cxr", route_prefix="/")
+    checkpoints = checkpoints or {}
+    serve.run(build_app(cfg, checkpoints.get("cnn"), checkpoints.get("vit")), name="cxr", route_prefix="/")
     url = f"http://127.0.0.1:{cfg.serve.port}"
     from pipelines.serve_cmd import wait_ready
 
@@ -148,10 +182,18 @@ def deploy(cfg: Config, batched: bool) -> str:
     return url
 
 
-def run(cfg: Config, clients: int, seconds: float, max_requests: int, n_images: int) -> list[tuple[str, dict]]:
+def run(
+    cfg: Config,
+    clients: int,
+    seconds: float,
+    max_requests: int,
+    images: list[bytes],
+    heads: list[str] | None = None,
+    checkpoints: dict[str, Path] | None = None,
+) -> list[tuple[str, dict]]:
+    """All cells; with ``checkpoints`` (the full-size run) only cnn and ensemble, batched."""
     from ray import serve
 
-    images = sample_images(cfg, n_images)
     rows: list[tuple[str, dict]] = []
 
     def cell(name: str, send: Callable, n_clients: int) -> None:
@@ -160,16 +202,19 @@ def run(cfg: Config, clients: int, seconds: float, max_requests: int, n_images: 
         print(f"  {name:<28}{rows[-1][1]['rate']:>8.1f} req/s  p50 {rows[-1][1]['p50']:.1f} ms", flush=True)
 
     for mode in ("cnn", "ensemble"):
-        cell(f"direct {mode}", direct_sender(cfg, images, mode), 1)
+        cell(f"direct {mode}", direct_sender(cfg, images, mode, checkpoints), 1)
     ensure_ray(cfg)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
-    url = deploy(cfg, batched=True)
-    for mode in ("cnn", "ensemble", "adaptive"):
+    url = deploy(cfg, batched=True, checkpoints=checkpoints)
+    for mode in ("cnn", "ensemble") if checkpoints else ("cnn", "ensemble", "adaptive"):
         for n in (1, clients):
-            cell(f"serve {mode}", http_sender(url, images, mode), n)
+            cell(f"serve {mode}", http_sender(url, images, mode, heads), n)
+    if checkpoints:
+        serve.shutdown()
+        return rows
     url = deploy(cfg, batched=False)
     for n in (1, clients):
-        cell("serve adaptive, unbatched", http_sender(url, images, "adaptive"), n)
+        cell("serve adaptive, unbatched", http_sender(url, images, "adaptive", heads), n)
     serve.shutdown()
     return rows
 
@@ -210,9 +255,10 @@ def targets(rows: list[tuple[str, dict]], clients: int) -> list[str]:
     return lines
 
 
-def write_results(text: str) -> None:
+def write_results(title: str, text: str) -> None:
+    """Replace the section headed ``title`` (or append it); other sections stay as they are."""
     current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    pattern = re.compile(r"\n## Serving.*?(?=\n## |\Z)", re.S)
+    pattern = re.compile("\n" + re.escape(title) + r".*?(?=\n## |\Z)", re.S)
     section = "\n" + text.rstrip() + "\n"
     updated = pattern.sub(lambda _: section, current) if pattern.search(current) else current.rstrip() + "\n" + section
     RESULTS.write_text(updated)
@@ -224,27 +270,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per cell")
     parser.add_argument("--max-requests", type=int, default=2000, help="request budget per cell")
     parser.add_argument("--images", type=int, default=256, help="distinct test images cycled through")
-    parser.add_argument("--write", action="store_true", help=f"replace the Serving section of {RESULTS}")
+    parser.add_argument("--images-dir", type=Path, help="send these files (e.g. real NIH PNGs) instead of the shards'")
+    parser.add_argument(
+        "--full-size", action="store_true", help=f"random-weight {' / '.join(FULL_SIZE.values())} at 224 px"
+    )
+    parser.add_argument("--write", action="store_true", help=f"replace this run's Serving section of {RESULTS}")
     add_config_args(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    settings = load_settings(cfg)
-    rows = run(cfg, args.clients, args.seconds, args.max_requests, args.images)
-    command = "cxr bench serve " + " ".join(argv if argv is not None else sys.argv[2:])
+    if args.images_dir:
+        images, heads = files_in(args.images_dir, args.images), None
+    else:
+        images, heads = sample_images(cfg, args.images)
+    command = ("cxr bench serve " + " ".join(argv if argv is not None else sys.argv[2:])).strip()
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoints = full_size_checkpoints(Path(scratch)) if args.full_size else None
+        rows = run(cfg, args.clients, args.seconds, args.max_requests, images, heads, checkpoints)
+    if args.full_size:
+        title = "## Serving full-size models on real images (`cxr bench serve --full-size`)"
+        about = f"{' / '.join(FULL_SIZE.values())} at 224 px, random weights"
+        checks: list[str] = []
+    else:
+        title = "## Serving: Ray Serve vs in-process (`cxr bench serve`)"
+        settings = load_settings(cfg)
+        about = (
+            f"{cfg.model.cnn.name} / {cfg.model.vit.name} at {cfg.model.input_size} px, gate threshold "
+            f"{settings.threshold:.3f} (from {settings.source}), w_cnn {settings.w_cnn:.3f}"
+        )
+        checks = targets(rows, args.clients)
+    source = str(args.images_dir) if args.images_dir else "the synthetic test split"
     body = "\n".join(
         [
-            f"`{command.strip()}`: {cfg.model.cnn.name} / {cfg.model.vit.name} at {cfg.model.input_size} px, "
-            f"gate threshold {settings.threshold} (from {settings.source}), w_cnn {settings.w_cnn}; "
-            f"{args.seconds:.0f} s per cell, closed-loop clients on 127.0.0.1.",
+            f"`{command}`: {about}; {len(images)} images from {source}; {args.seconds:.0f} s per cell, closed-loop "
+            "clients on 127.0.0.1.",
             "",
             table(rows),
             "",
-            *targets(rows, args.clients),
+            *checks,
         ]
     )
     print(body)
     if args.write:
-        write_results("## Serving: Ray Serve vs in-process (`cxr bench serve`)\n\n" + body)
+        write_results(title, title + "\n\n" + body)
         print(f"written to {RESULTS}")
     return 0
 

@@ -92,6 +92,8 @@ class ArchConfig(Strict):
     name: str
     pretrained: Path | None = None
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    # This architecture's epoch budget, in place of train.epochs: a ViT trained from scratch needs more than a CNN.
+    epochs: int | None = Field(None, ge=1)
     # Extra keyword arguments for timm.create_model, e.g. {patch_size: 8} for a ViT on small inputs.
     options: dict[str, int | float | str | bool] = Field(default_factory=dict)
 

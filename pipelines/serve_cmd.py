@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipelines.cli_args import add_config_args, config_from_args
 from pipelines.config import ConfigError
 from pipelines.ensemble_settings import EnsembleSettingsError
 from pipelines.ray_runtime import ensure_ray
+from pipelines.serve_try import try_images
 
 log = logging.getLogger(__name__)
 APP_NAME = "cxr"
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="deploy, wait until ready and return: for a cluster (cluster.address); a local Ray ends with this process",
     )
+    parser.add_argument(
+        "--try", dest="try_images", type=int, default=0, metavar="N",
+        help="once ready, send N test-split images over HTTP and print the answers (the demo's last step)",
+    )  # fmt: skip
     add_config_args(parser)
     args = parser.parse_args(argv)
     from ray import serve
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     key = f' -H "X-API-Key: ${cfg.serve.api_key_env}"' if cfg.serve.api_key_env else ""
     print(f"serving at {url}  (API: {url}/v1/predict, /v1/predict/batch, /v1/health, /v1/model)")
     print(f"try: curl{key} --data-binary @image.png '{url}/v1/predict?mode=adaptive'")
+    if args.try_images:
+        api_key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
+        if try_images(url, cfg, args.try_images, api_key):
+            return 1
     if args.no_block:
         return 0
     print("Ctrl-C stops it")

@@ -44,6 +44,14 @@ def _dataset_info(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def for_role(cfg: Config, role: str) -> Config:
+    """The config a run of ``role`` trains with: ``model.<role>.epochs``, when set, replaces ``train.epochs``."""
+    epochs = getattr(cfg.model, role).epochs
+    if epochs is None:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+
+
 def build_trainer(
     cfg: Config,
     role: str,
@@ -53,6 +61,7 @@ def build_trainer(
 ) -> TorchTrainer:
     """``callbacks`` go to Ray Train (a sweep passes TuneReportCallback); ``mlflow_tags`` to the run's MLflow run
     (a sweep links each trial to its parent run)."""
+    cfg = for_role(cfg, role)
     manifest = load_manifest(cfg.data.shards_dir)
     use_gpu = resolve_use_gpu(cfg.train.use_gpu)
     return TorchTrainer(

@@ -15,7 +15,7 @@ import numpy as np
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
-from models.ensemble import confidence, fuse, needs_vit
+from models.ensemble import HEADS, confidence, fuse, needs_vit
 from serve.preprocess import Preprocessor, PreprocessSpec
 from serve.schema import GateSettings
 
@@ -75,8 +75,14 @@ class EnsemblePipeline:
         timings[f"{role}_ms"] = (time.perf_counter() - started) * 1e3
         return probs
 
-    async def answer(self, gray: np.ndarray, mode: str, settings: GateSettings) -> dict[str, Any]:
-        """Probabilities, the models used, the CNN's confidence and whether the gate escalated, with timings."""
+    async def answer(
+        self, gray: np.ndarray, mode: str, settings: GateSettings, heads: tuple[str, ...] = HEADS
+    ) -> dict[str, Any]:
+        """Probabilities, the models used, the CNN's confidence and whether the gate escalated, with timings.
+
+        The gate scores the CNN on ``heads`` only (the heads the caller reads), as evaluation and tuning score
+        each image on its own dataset's head; both heads are answered either way."""
+        scored = {head: np.array([head in heads]) for head in HEADS}
         cache: dict[PreprocessSpec, np.ndarray] = {}
         timings: dict[str, float] = {}
         cnn_confidence = None
@@ -93,12 +99,12 @@ class EnsemblePipeline:
             probs, used = p_cnn, ["cnn"]
             if mode == "adaptive":
                 batch = {head: np.asarray(values)[None] for head, values in p_cnn.items()}
-                escalated = bool(needs_vit(batch, settings.threshold)[0])
+                escalated = bool(needs_vit(batch, settings.threshold, scored)[0])
                 if escalated:
                     p_vit = await self.predict("vit", gray, cache, timings)
                     probs, used = fuse(p_cnn, p_vit, settings.w_cnn), ["cnn", "vit"]
         if "cnn" in used:
-            cnn_confidence = float(confidence({h: np.asarray(v)[None] for h, v in p_cnn.items()})[0])
+            cnn_confidence = float(confidence({h: np.asarray(v)[None] for h, v in p_cnn.items()}, scored)[0])
         return {
             "probs": probs,
             "models_used": used,

@@ -1,7 +1,7 @@
 """``EnsembleRouter``: the HTTP ingress (a Starlette app inside a Serve deployment) in front of the two models.
 
 Routes (all JSON):
-    POST /v1/predict[?mode=adaptive|cnn|vit|ensemble]   one image: multipart file or raw body
+    POST /v1/predict[?mode=adaptive|cnn|vit|ensemble][&head=nih14|covid]   one image: multipart file or raw body
     POST /v1/predict/batch[?mode=...]                   several file parts: one result or error per image, in order
     GET  /v1/health                                     200 only when both models are loaded (never needs the key)
     GET  /v1/model                                      versions, checkpoints, label spaces, ensemble settings
@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from models.ensemble import HEADS
 from serve.inputs import InputLimits, InputRejected, decode_upload
 from serve.metrics import ServeMetrics
 from serve.pipeline import ROLES, EnsemblePipeline, ModelUnavailable
@@ -96,6 +97,16 @@ class EnsembleRouter:
             raise InputRejected(400, "bad_mode", f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         return mode
 
+    @staticmethod
+    def _gate_heads(request: Request) -> tuple[str, ...]:
+        """The heads the caller will read (``?head=``), which the gate scores; both unless one is named."""
+        head = request.query_params.get("head")
+        if head is None:
+            return HEADS
+        if head not in HEADS:
+            raise InputRejected(400, "bad_head", f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        return (head,)
+
     # ------------------------------------------------------------------------------------------ routes
 
     async def predict(self, request: Request) -> JSONResponse:
@@ -105,9 +116,9 @@ class EnsembleRouter:
             self.metrics.answered("predict", mode, 401)
             return denied
         try:
-            mode = self._mode(request)
+            mode, heads = self._mode(request), self._gate_heads(request)
             uploads = await read_uploads(request, self.limits.max_bytes, 1)
-            status, body = await self._answer_one(uploads[0], mode, started)
+            status, body = await self._answer_one(uploads[0], mode, heads, started)
         except InputRejected as err:
             self.metrics.rejected(err.reason)
             status, body = err.status, err.as_json()
@@ -121,7 +132,7 @@ class EnsembleRouter:
             self.metrics.answered("batch", mode, 401)
             return denied
         try:
-            mode = self._mode(request)
+            mode, heads = self._mode(request), self._gate_heads(request)
             if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                 raise InputRejected(400, "expected_multipart", "send the images as file parts of multipart/form-data")
             uploads = await read_uploads(request, self.limits.max_bytes, self.max_batch_images)
@@ -129,7 +140,7 @@ class EnsembleRouter:
             self.metrics.rejected(err.reason)
             self.metrics.answered("batch", mode, err.status)
             return JSONResponse(err.as_json(), status_code=err.status)
-        answers = await asyncio.gather(*(self._answer_one(upload, mode, started) for upload in uploads))
+        answers = await asyncio.gather(*(self._answer_one(upload, mode, heads, started) for upload in uploads))
         results = []
         for index, (upload, (status, body)) in enumerate(zip(uploads, answers, strict=True)):
             self.metrics.answered("batch", mode, status)
@@ -137,7 +148,9 @@ class EnsembleRouter:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         return JSONResponse({"api_version": API_VERSION, "mode": mode, "results": results, "latency_ms": elapsed_ms})
 
-    async def _answer_one(self, upload: Upload, mode: str, started: float) -> tuple[int, dict[str, Any]]:
+    async def _answer_one(
+        self, upload: Upload, mode: str, heads: tuple[str, ...], started: float
+    ) -> tuple[int, dict[str, Any]]:
         """(status, body) for one image; never raises on input, so a batch answers every image."""
         settings = self.settings  # one consistent snapshot even if reconfigure lands mid-request
         try:
@@ -146,7 +159,7 @@ class EnsembleRouter:
             decode_started = time.perf_counter()
             gray, image_format = await asyncio.to_thread(decode_upload, upload.data, self.limits)
             decode_ms = (time.perf_counter() - decode_started) * 1e3
-            result = await self.pipeline.answer(gray, mode, settings)
+            result = await self.pipeline.answer(gray, mode, settings, heads)
         except InputRejected as err:
             self.metrics.rejected(err.reason)
             return err.status, err.as_json()
@@ -164,7 +177,12 @@ class EnsembleRouter:
             **prediction_body(result["probs"], labels, settings),
             "cnn_confidence": result["cnn_confidence"],
             "models_used": result["models_used"],
-            "gate": {"threshold": settings.threshold, "w_cnn": settings.w_cnn, "escalated": result["escalated"]},
+            "gate": {
+                "threshold": settings.threshold,
+                "w_cnn": settings.w_cnn,
+                "heads": list(heads),
+                "escalated": result["escalated"],
+            },
             "model_versions": {role: self.pipeline.info[role]["version"] for role in result["models_used"]},
             "input": {"format": image_format, "width": int(gray.shape[1]), "height": int(gray.shape[0])},
             "latency_ms": {

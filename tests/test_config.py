@@ -39,6 +39,14 @@ def test_production_defaults_and_demo_profile():
     assert demo.train.use_gpu is False and demo.train.amp == "off"
 
 
+def test_an_architecture_epoch_budget_replaces_train_epochs_for_that_role_only():
+    from pipelines.train import for_role
+
+    demo = load_config(ROOT / "ray_config.yaml", "demo", ["train.epochs=3", "model.vit.epochs=7"])
+    assert (for_role(demo, "cnn").train.epochs, for_role(demo, "vit").train.epochs) == (3, 7)
+    assert for_role(demo, "vit").train.lr == demo.train.lr
+
+
 def test_set_overrides_parse_yaml_values():
     cfg = load_config(ROOT / "ray_config.yaml", "demo", ["train.lr=1e-4", "data.augment.clahe=true"])
     assert cfg.train.lr == pytest.approx(1e-4)

@@ -25,6 +25,7 @@ from test_serve_inputs import make_dicom
 
 from models.checkpoint import model_from_checkpoint, save_checkpoint
 from models.factory import build_model
+from models.labels import NIH14
 from serve.preprocess import Preprocessor, PreprocessSpec
 from serve.replicas import probabilities
 
@@ -84,7 +85,21 @@ def replica_actors() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, tmp_path_factory):
+def shards_config(ray_session, tmp_path_factory):
+    """Ingested tiny layouts for `--try`; made before the app deploys, whose replicas leave Ray Data no whole CPU."""
+    from layout_factory import write_layouts
+    from pipelines.config import load_config
+    from pipelines.ingest import ingest
+
+    root = tmp_path_factory.mktemp("try")
+    write_layouts(root, patients=12, covid_per_class=5)
+    cfg = load_config(None, sets=["data.storage_size=32", "data.rows_per_shard=16", f"data.shards_dir={root}/s"])
+    ingest(cfg, root / "nih", root / "covid", root / "s")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory, shards_config):
     from ray import serve
     from ray.serve.context import _get_global_client
 
@@ -184,6 +199,23 @@ def test_adaptive_gate_uses_the_configured_threshold(served):
     assert body["models_used"] == (["cnn", "vit"] if escalated else ["cnn"])
 
 
+def test_gate_scores_only_the_head_the_caller_reads(served):
+    """`?head=covid`: the gate sees the covid head's confidence (its top probability), as tuning scores a COVID
+    image; both heads are still answered. Without `head`, the lower of the two heads' confidences."""
+    both = post(served, data=png(seed=5), mode="cnn").json()
+    covid = requests.post(
+        served["url"] + "/v1/predict", params={"head": "covid"}, data=png(seed=5), headers=HEADERS, timeout=60
+    ).json()
+    nih_conf = min(max(p, 1 - p) for p in both["nih14"]["probabilities"].values())
+    top = both["covid"]["top_probability"]
+    assert both["cnn_confidence"] == pytest.approx(min(nih_conf, top), abs=1e-6)
+    assert covid["cnn_confidence"] == pytest.approx(top, abs=1e-6) and covid["gate"]["heads"] == ["covid"]
+    assert covid["gate"]["escalated"] == (top < 0.85) and set(covid["nih14"]["probabilities"]) == set(NIH14)
+    url = served["url"] + "/v1/predict"
+    bad = requests.post(url, params={"head": "lungs"}, data=png(), headers=HEADERS, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["reason"] == "bad_head"
+
+
 def test_dicom_upload(served):
     pixels = np.add.outer(np.arange(128), np.arange(128)).astype(np.uint16) * 16
     body = post(served, data=make_dicom(pixels, modality="CR", photometric="MONOCHROME1"), mode="cnn").json()
@@ -212,6 +244,20 @@ def test_batch_limits(served):
     assert answer.status_code == 413 and answer.json()["error"]["reason"] == "too_many_images"
     raw = post(served, data=png(), path="/v1/predict/batch")
     assert raw.status_code == 400 and raw.json()["error"]["reason"] == "expected_multipart"
+
+
+def test_try_sends_test_split_files_and_prints_one_line_each(served, shards_config, capsys):
+    """`cxr serve --try N` (the demo's last step): original test-split files from ingest's folders, over HTTP."""
+    from pipelines.serve_try import pick_test_images, try_images
+
+    cfg = shards_config
+    samples = pick_test_images(cfg, 4)
+    assert [s.source for s in samples] == ["nih", "covid", "nih", "covid"]
+    assert all(s.path.is_file() for s in samples)
+    assert try_images(served["url"], cfg, 4, API_KEY) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all("truth:" in line and "models: cnn" in line for line in lines)
+    assert try_images(served["url"], cfg, 1, "wrong-key") == 1  # a refused request is counted, not hidden
 
 
 # ------------------------------------------------------------------------------------------ error codes
@@ -268,7 +314,8 @@ def test_live_reconfigure_changes_the_gate_without_restarting_replicas(served):
         assert time.monotonic() < deadline, "reconfigure never reached the router"
         time.sleep(0.2)
     body = post(served, data=png(seed=7)).json()
-    assert body["models_used"] == ["cnn"] and body["gate"] == {"threshold": 0.0, "w_cnn": 0.7, "escalated": False}
+    gate = {"threshold": 0.0, "w_cnn": 0.7, "heads": ["nih14", "covid"], "escalated": False}
+    assert body["models_used"] == ["cnn"] and body["gate"] == gate
     always_vit = {"w_cnn": 0.7, "threshold": 1.0}
     served["client"].deploy_apps(deploy_schema(served["args"], served["port"], always_vit), _blocking=True)
     deadline = time.monotonic() + 30

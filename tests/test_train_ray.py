@@ -82,7 +82,14 @@ def _kill_a_worker_after_checkpoints(run_dir: Path, done: threading.Event, kille
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
-    cfg = _cfg(shards, tmp_path, "train.epochs=8", "train.max_failures=2", "train.early_stopping_patience=20")
+    cfg = _cfg(
+        shards,
+        tmp_path,
+        "train.epochs=8",
+        "model.vit.epochs=null",
+        "train.max_failures=2",
+        "train.early_stopping_patience=20",
+    )
     done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_a_worker_after_checkpoints, args=(tmp_path / "killed", done, killed))
     killer.start()

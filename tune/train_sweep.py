@@ -30,7 +30,7 @@ from pipelines.cli_args import add_config_args, config_from_args
 from pipelines.config import Config, ConfigError, apply_override, config_from_dict
 from pipelines.ray_runtime import ensure_ray
 from pipelines.streaming import ShardsNotFoundError
-from pipelines.train import ROLES, build_trainer, resolve_use_gpu
+from pipelines.train import ROLES, build_trainer, for_role, resolve_use_gpu
 
 log = logging.getLogger(__name__)
 METRIC = "val_score"
@@ -120,7 +120,7 @@ def tune_training(cfg: Config, role: str, sweep: str | None = None) -> dict[str,
     if role not in ROLES:
         raise ValueError(f"--model must be one of {ROLES}, got {role!r}")
     sweep = sweep or f"tune-{role}"
-    cfg = cfg.with_absolute_paths()
+    cfg = for_role(cfg.with_absolute_paths(), role)
     cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": tracking.tracking_uri(cfg)})})
     storage = Path(cfg.train.run_dir) / "tune"
     # the trials' own Train runs (checkpoints) live under the sweep, not beside regular training runs
