@@ -39,7 +39,7 @@ def _experiment_id(cfg: Config) -> str:
     if found is not None:
         return found.experiment_id
     artifacts = None
-    if not cfg.mlflow.tracking_uri:  # keep local artifacts under the run directory, not in ./mlruns
+    if tracking_uri(cfg).startswith("sqlite:"):  # a local store keeps its artifacts beside it, not in ./mlruns
         artifacts = (Path(cfg.train.run_dir).resolve() / "mlartifacts").as_uri()
     return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts)
 

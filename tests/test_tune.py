@@ -177,6 +177,9 @@ def test_training_sweep_two_trials_mlflow_and_best_config(tiny_shards, tmp_path)
         f"tags.`mlflow.parentRunId` = '{result['parent_run_id']}'",
     )
     assert len(children) == 2 and all("val_score" in run.data.metrics for run in children)
+    # artifacts of a local store stay under the run directory (not in ./mlruns of whatever the cwd is)
+    parent = client.get_run(result["parent_run_id"])
+    assert all(run.info.artifact_uri.startswith(tmp_path.as_uri()) for run in [parent, *children])
 
 
 def _trial_states(sweep_dir: Path) -> dict[str, str]:

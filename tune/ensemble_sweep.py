@@ -133,8 +133,8 @@ def _plain(points: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _log_to_mlflow(cfg: Config, out: Path, plot: Path, w_cnn: float, threshold: float, figures) -> str:
-    tracking.ensure_experiment(cfg)
-    with mlflow.start_run(run_name="tune-ensemble", tags={"stage": "tune-ensemble"}) as run:
+    experiment = tracking.ensure_experiment(cfg)
+    with mlflow.start_run(experiment_id=experiment, run_name="tune-ensemble", tags={"stage": "tune-ensemble"}) as run:
         mlflow.log_params({"w_cnn": w_cnn, "threshold": threshold, **cfg.tune.ensemble.model_dump(mode="json")})
         for split, points in figures.items():
             for name, point in points.items():
