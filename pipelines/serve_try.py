@@ -3,7 +3,6 @@ print what it answers next to the truth. The demo ends with this; it is also a s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from pipelines.config import Config
 from pipelines.layouts import covid_dataset_root
 from pipelines.streaming import load_manifest, shard_files
 
-log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 60
 
 
