@@ -179,7 +179,9 @@ class DeploymentConfig(Strict):
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     batch_max_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    # 0: no waiting for company at low load; under load a batch still forms from the queue that builds while
+    # the previous batch computes (one batch at a time per replica)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)  # torch in the replica uses max(1, floor(num_cpus)) threads
     num_gpus: Literal["auto"] | float = "auto"  # "auto": a fraction of a GPU where the cluster has GPUs
 

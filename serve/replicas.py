@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Defaults only: __init__ sets the configured size and wait on the batch queue before the first request.
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_BATCH_WAIT_S = 0.005
+DEFAULT_BATCH_WAIT_S = 0.0
 
 
 class ModelReplica:
