@@ -17,14 +17,17 @@ STAGES: dict[str, tuple[str, str]] = {
     "tune": ("tune.cli", "Ray Tune sweeps: `cxr tune train` (lr, weight decay, dropout), `cxr tune ensemble`"),
     "serve": ("pipelines.serve_cmd", "run the Ray Serve app (CNN, ViT, adaptive ensemble router) until Ctrl-C"),
     "bench": ("pipelines.bench", "benchmarks: `cxr bench data`"),
+    "cluster": ("cluster.local", "a local multi-node Ray cluster with token auth: `cxr cluster up|down|status`"),
 }
+NOT_SUBMITTABLE = {"cluster", "bench"}  # these act on this machine
 
 
 def usage() -> str:
     width = max(map(len, STAGES))
     lines = ["usage: cxr <stage> [--config ray_config.yaml] [--profile NAME] [--set key=value ...] [options]", ""]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in STAGES.items()]
-    lines += ["", "`cxr <stage> --help` lists a stage's options."]
+    lines += ["", "`cxr <stage> --help` lists a stage's options. `cxr <stage> ... --address http://HOST:8265 [--wait]`"]
+    lines += ["runs the stage as a Ray job on that cluster (python -m <module> with the same arguments)."]
     return "\n".join(lines)
 
 
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"cxr: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if any(arg == "--address" or arg.startswith("--address=") for arg in rest) and stage not in NOT_SUBMITTABLE:
+        from pipelines.submit import submit_stage
+
+        return submit_stage(stage, STAGES[stage][0], rest)
     module = importlib.import_module(STAGES[stage][0])
     return int(module.main(rest) or 0)
 

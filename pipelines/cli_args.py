@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-from pipelines.config import DEFAULT_CONFIG_PATH, Config, load_config
+from pipelines.config import DEFAULT_CONFIG_PATH, PROJECT_ROOT_ENV, Config, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -30,4 +31,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return load_config(args.config, args.profile, args.sets)
+    cfg = load_config(args.config, args.profile, args.sets)
+    # a job of `cxr <stage> --address` runs in Ray's copy of the code: relative paths mean the submitter's checkout
+    return cfg.with_absolute_paths() if os.environ.get(PROJECT_ROOT_ENV) else cfg

@@ -10,6 +10,7 @@ with ``Config.model_validate``.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,6 +124,8 @@ class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0.0)  # below 1 on small machines, so Ray Data keeps CPUs to stream with
     use_gpu: Literal["auto"] | bool = "auto"
+    # PACK: workers share a node where they fit; SPREAD: one per node where it can (survives losing a node)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     checkpoints_to_keep: int = Field(2, ge=1)
     early_stopping_patience: int = Field(5, ge=1)
     max_failures: int = Field(2, ge=-1)
@@ -206,6 +209,8 @@ class RouterConfig(Strict):
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # an HTTP proxy per node, or on the head only (several Ray nodes on one machine would share the port)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     max_upload_mb: float = Field(20.0, gt=0.0)  # per image; larger uploads get 413 before they are read
     max_pixels: int = Field(50_000_000, ge=1)  # width x height from the header; more is a decompression bomb (413)
     max_batch_images: int = Field(16, ge=1)  # images per POST /v1/predict/batch
@@ -235,11 +240,22 @@ class ServeConfig(Strict):
 # ------------------------------------------------------------------------------------- cluster, mlflow
 
 
+class LocalClusterConfig(Strict):
+    """``cxr cluster up``: a head and worker nodes on this machine, all on loopback, token auth on."""
+
+    state_dir: Path = Path("runs/cluster")  # the token (mode 600), the state file and the nodes' log
+    gcs_port: int = Field(6380, ge=1, le=65535)
+    head_cpus: float = Field(2, gt=0)
+    worker_cpus: float = Field(1, gt=0)  # per extra worker node; `--worker-cpus 1,2` gives each its own
+    object_store_mb: int = Field(256, ge=64)  # per node
+
+
 class ClusterConfig(Strict):
     address: str | None = None  # None: start or join a local Ray; "auto" or ray://... to join a cluster
     num_cpus: int | None = Field(None, ge=1)  # for a local Ray started by a stage
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    local: LocalClusterConfig = LocalClusterConfig()
 
 
 class MlflowConfig(Strict):
@@ -260,14 +276,26 @@ class Config(Strict):
     def with_absolute_paths(self) -> Config:
         """A copy whose paths are absolute: Ray workers run in other working directories than the driver."""
         tree = self.model_dump(mode="json")
+        root = project_root()
         for section, key in (("data", "nih_dir"), ("data", "covid_dir"), ("data", "shards_dir"), ("train", "run_dir")):
-            tree[section][key] = str(Path(tree[section][key]).resolve())
+            tree[section][key] = str((root / tree[section][key]).resolve())
         for role in ("cnn", "vit"):
             if tree["model"][role]["pretrained"]:
-                tree["model"][role]["pretrained"] = str(Path(tree["model"][role]["pretrained"]).resolve())
+                tree["model"][role]["pretrained"] = str((root / tree["model"][role]["pretrained"]).resolve())
             if tree["serve"][role]["checkpoint"]:
-                tree["serve"][role]["checkpoint"] = str(Path(tree["serve"][role]["checkpoint"]).resolve())
+                tree["serve"][role]["checkpoint"] = str((root / tree["serve"][role]["checkpoint"]).resolve())
         return Config.model_validate(tree)
+
+
+PROJECT_ROOT_ENV = "CXR_PROJECT_ROOT"
+
+
+def project_root() -> Path:
+    """What relative paths of the config are relative to: the working directory, or ``$CXR_PROJECT_ROOT``.
+
+    A job submitted with ``--working-dir`` runs in Ray's unpacked copy of the code; ``cxr <stage> --address`` to a
+    cluster on this machine sets the variable to the submitting checkout, so the job reads and writes its runs/."""
+    return Path(os.environ.get(PROJECT_ROOT_ENV) or ".")
 
 
 # -------------------------------------------------------------------------------------------- loading

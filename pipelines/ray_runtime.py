@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
@@ -50,3 +51,6 @@ def ensure_ray(cfg: Config) -> None:
         **kwargs,
     )
     log.info("ray: %s; dashboard: %s", ray.cluster_resources(), context.dashboard_url or "none")
+    token = Path.home() / ".ray" / "auth_token"  # a local Ray turns token auth on and writes this with the umask
+    if address is None and token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cxr serve: error: {err}", file=sys.stderr)
         return 2
     ensure_ray(cfg)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, proxy_location=cfg.serve.proxy_location)
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     if not wait_ready(url):

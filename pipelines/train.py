@@ -77,6 +77,7 @@ def build_trainer(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
