@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cxr: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
     if any(arg == "--address" or arg.startswith("--address=") for arg in rest) and stage not in NOT_SUBMITTABLE:
-        from pipelines.submit import submit_stage
+        from cluster.submit import submit_stage
 
         return submit_stage(stage, STAGES[stage][0], rest)
     module = importlib.import_module(STAGES[stage][0])

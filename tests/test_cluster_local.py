@@ -24,8 +24,8 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from cluster import local
+from cluster.submit import EXCLUDES
 from pipelines.config import load_config
-from pipelines.submit import EXCLUDES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
