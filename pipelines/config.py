@@ -187,6 +187,9 @@ class DeploymentConfig(Strict):
     batch_wait_timeout_s: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)  # torch in the replica uses max(1, floor(num_cpus)) threads
     num_gpus: Literal["auto"] | float = "auto"  # "auto": a fraction of a GPU where the cluster has GPUs
+    # onnx: ONNX Runtime on CPU replicas (fp32 or int8, from `cxr export`); a replica on a GPU stays on PyTorch
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_model: Path | None = None  # None: the latest `cxr export` of this role (<export.out_dir>/latest-<role>.json)
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> DeploymentConfig:
@@ -206,6 +209,15 @@ class RouterConfig(Strict):
     num_cpus: float = Field(1.0, gt=0.0)
 
 
+class CacheConfig(Strict):
+    """The router's result cache, keyed by the decoded image, the model fingerprints and the gate settings."""
+
+    enabled: bool = True
+    max_entries: int = Field(2048, ge=1)  # in-process LRU (per router replica)
+    redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0: one cache shared by every router replica
+    ttl_s: float = Field(3600.0, gt=0.0)  # Redis entries expire after this
+
+
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -221,6 +233,7 @@ class ServeConfig(Strict):
     finding_thresholds: dict[str, float] = {}  # ... or above a per-finding value given here
     access_log: bool = False  # Serve's per-request access log lines; off, they cost CPU on small machines
     router: RouterConfig = RouterConfig()
+    cache: CacheConfig = CacheConfig()
     cnn: DeploymentConfig = DeploymentConfig()
     vit: DeploymentConfig = DeploymentConfig()
 

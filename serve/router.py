@@ -33,6 +33,7 @@ from serve.metrics import ServeMetrics
 from serve.pipeline import ROLES, EnsemblePipeline, ModelUnavailable
 from serve.schema import API_VERSION, MODES, GateSettings, error_body, prediction_body
 from serve.uploads import Upload, read_uploads
+from serve.web import web_routes
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
@@ -74,6 +75,8 @@ class EnsembleRouter:
             Route("/v1/predict/batch", self.predict_batch, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             Route("/v1/model", self.model, methods=["GET"]),
+            Route("/v1/explain", self.explain, methods=["POST"]),
+            *web_routes(),
         ]
         return Starlette(routes=routes)
 
@@ -192,6 +195,9 @@ class EnsembleRouter:
             },
         }
         return 200, body
+
+    async def explain(self, request: Request) -> JSONResponse:
+        return _error(501, "not_implemented", "explanations are being built")
 
     async def health(self, request: Request) -> JSONResponse:
         states = await asyncio.gather(*(self._model_state(role) for role in ROLES))
