@@ -1,8 +1,8 @@
 """`cxr evaluate`: the CNN, the ViT, the always-fused and the gated ensemble side by side on the test split.
 
-Writes ``report.md``, ``metrics.json`` and PNG plots (ROC curves, reliability diagrams, confusion matrices) and
-logs them to MLflow. The test split is read in this process in shard order, so test-time augmentation passes
-line up row by row.
+Writes ``report.md``, ``metrics.json`` and PNG plots (ROC curves, reliability diagrams, confusion matrices, a
+grid of Grad-CAM overlays per class) and logs them to MLflow. The test split is read in this process in shard
+order, so test-time augmentation passes line up row by row.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pipelines import tracking
 from pipelines.cli_args import add_config_args, config_from_args
 from pipelines.config import Config, ConfigError
 from pipelines.ensemble_settings import EnsembleSettingsError, load_settings
+from pipelines.explain_grid import pick_examples, plot_explanation_grid
 from pipelines.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
 from pipelines.report import write_report
 from pipelines.streaming import ShardsNotFoundError, local_batches, shard_files
@@ -68,13 +69,21 @@ def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[
 
 
 def evaluate(
-    cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, tta: int = 0, ensemble: Path | None = None
+    cfg: Config,
+    cnn_dir: Path,
+    vit_dir: Path,
+    out: Path,
+    tta: int = 0,
+    ensemble: Path | None = None,
+    explain_per_class: int = 3,
 ) -> dict[str, Any]:
-    """``ensemble``: an ensemble.yaml; by default the one `cxr tune ensemble` wrote, else the config's values."""
+    """``ensemble``: an ensemble.yaml; by default the one `cxr tune ensemble` wrote, else the config's values.
+    ``explain_per_class``: test images per covid class and nih14 finding in the Grad-CAM grid (0: no grid)."""
     files = shard_files(cfg.data.shards_dir, "test")
     payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
     classes = tuple(payloads["cnn"]["label_spaces"]["covid"])
-    preds = {role: predict_split(model_from_checkpoint(None, p), cfg, files, tta) for role, p in payloads.items()}
+    models = {role: model_from_checkpoint(None, payload).eval() for role, payload in payloads.items()}
+    preds = {role: predict_split(model, cfg, files, tta) for role, model in models.items()}
     cnn, vit = preds["cnn"], preds["vit"]
     settings = load_settings(cfg, ensemble)
     w, threshold = settings.w_cnn, settings.threshold
@@ -93,8 +102,13 @@ def evaluate(
         "systems": metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
+    grid = None
+    if explain_per_class > 0:
+        examples = pick_examples(local_batches(files, cfg, False, 64), classes, explain_per_class)
+        grid = plot_explanation_grid(out, models, examples, classes)
+        summary["explanations"] = {"grid": grid, "labels": [f"{head}:{label}" for head, label in examples]}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    write_report(out, summary, systems, classes)
+    write_report(out, summary, systems, classes, grid)
     _log_to_mlflow(cfg, out, summary)
     return summary
 
@@ -125,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tta", type=int, default=0, help="extra augmented passes averaged in (test-time augmentation)"
     )
+    parser.add_argument(
+        "--explain-per-class",
+        type=int,
+        default=3,
+        help="test images per covid class and nih14 finding in the report's Grad-CAM grid (0: none)",
+    )
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         cnn = args.cnn or Path(latest_summary(cfg, "cnn")["best_checkpoint"])
         vit = args.vit or Path(latest_summary(cfg, "vit")["best_checkpoint"])
         out = args.out or Path(cfg.train.run_dir) / "evaluation"
-        summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble)
+        summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class)
     except (ConfigError, ShardsNotFoundError, CheckpointError, FileNotFoundError, EnsembleSettingsError) as err:
         print(f"cxr evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -74,7 +74,11 @@ def _fmt(value: float) -> str:
 
 
 def write_report(
-    out: Path, summary: dict[str, Any], systems: dict[str, dict[str, np.ndarray]], classes: tuple[str, ...]
+    out: Path,
+    summary: dict[str, Any],
+    systems: dict[str, dict[str, np.ndarray]],
+    classes: tuple[str, ...],
+    explanation_grid: str | None = None,
 ) -> Path:
     metrics = summary["systems"]
     plots = [plot_roc(out, systems), plot_reliability(out, metrics), plot_confusion(out, metrics, classes)]
@@ -122,6 +126,16 @@ def write_report(
             cells.append(f"{c['precision']:.2f} / {c['recall']:.2f} / {c['f1']:.2f}")
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    if explanation_grid:
+        lines += [
+            "",
+            "## Where the models look (Grad-CAM)",
+            "",
+            "A few test images per covid class and nih14 finding, with each model's map of the true label "
+            "(`models/explain.py`, as `POST /v1/explain` serves it).",
+            "",
+            f"![{explanation_grid}]({explanation_grid})",
+        ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
