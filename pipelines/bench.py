@@ -9,6 +9,7 @@ BENCHMARKS: dict[str, str] = {
     "data": "pipelines.bench_data",
     "train": "pipelines.bench_train",
     "serve": "pipelines.bench_serve",
+    "export": "pipelines.bench_export",
 }
 
 

@@ -165,13 +165,16 @@ def http_sender(url: str, images: list[bytes], mode: str, heads: list[str] | Non
     return send
 
 
-def deploy(cfg: Config, batched: bool, checkpoints: dict[str, Path] | None = None) -> str:
+def deploy(cfg: Config, batched: bool, checkpoints: dict[str, Path] | None = None, cache: bool = False) -> str:
+    """Deploy the app and wait for it. The result cache is off unless ``cache``: the cells cycle through the same
+    images, and must measure the models, not cache hits (``pipelines.bench_cache`` measures the cache)."""
     from ray import serve
 
     from serve.app import build_app
 
+    cfg = cfg.model_copy(deep=True)
+    cfg.serve.cache.enabled = cache
     if not batched:
-        cfg = cfg.model_copy(deep=True)
         cfg.serve.cnn.batch_max_size = cfg.serve.vit.batch_max_size = 1
     checkpoints = checkpoints or {}
     serve.run(build_app(cfg, checkpoints.get("cnn"), checkpoints.get("vit")), name="cxr", route_prefix="/")

@@ -16,7 +16,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.evaluate", "CNN, ViT, fused and gated ensemble side by side on the test split"),
     "tune": ("tune.cli", "Ray Tune sweeps: `cxr tune train` (lr, weight decay, dropout), `cxr tune ensemble`"),
     "serve": ("pipelines.serve_cmd", "run the Ray Serve app (CNN, ViT, adaptive ensemble router) until Ctrl-C"),
-    "bench": ("pipelines.bench", "benchmarks: `cxr bench data`"),
+    "export": ("pipelines.export", "a checkpoint as ONNX (parity-checked against PyTorch, optional int8), in MLflow"),
+    "bench": ("pipelines.bench", "benchmarks: `cxr bench data|train|serve|export`"),
     "cluster": ("cluster.local", "a local multi-node Ray cluster with token auth: `cxr cluster up|down|status`"),
 }
 NOT_SUBMITTABLE = {"cluster", "bench"}  # these act on this machine

@@ -214,7 +214,8 @@ class CacheConfig(Strict):
 
     enabled: bool = True
     max_entries: int = Field(2048, ge=1)  # in-process LRU (per router replica)
-    redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0: one cache shared by every router replica
+    # e.g. redis://127.0.0.1:6379/0: one cache shared by every router replica
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
     ttl_s: float = Field(3600.0, gt=0.0)  # Redis entries expire after this
 
 
@@ -250,6 +251,23 @@ class ServeConfig(Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------------- export
+
+
+class ExportConfig(Strict):
+    """`cxr export`: ONNX files of a checkpoint, checked against PyTorch, optionally quantised to int8."""
+
+    out_dir: Path = Path("runs/export")  # <out_dir>/<role>/<checkpoint>/model*.onnx + latest-<role>.json
+    parity_atol: float = Field(1e-4, gt=0.0)  # max |ONNX logit - PyTorch logit| allowed at fp32
+    parity_batches: int = Field(8, ge=1)  # test-split batches the fp32 and int8 models are compared on
+    batch_size: int = Field(32, ge=1)  # of the parity and calibration batches
+    calibration_batches: int = Field(8, ge=1)  # validation batches that calibrate static int8
+    # dynamic int8 quantises these ops only: ORT's integer Conv (ConvInteger) is far slower than its fp32 Conv
+    dynamic_op_types: list[str] = ["MatMul", "Gemm"]
+    # static int8 per role ([]: every op ORT can quantise); the ViT's LayerNorm/Softmax/GELU in int8 cost agreement
+    static_op_types: dict[Literal["cnn", "vit"], list[str]] = {"cnn": [], "vit": ["Conv", "MatMul", "Gemm"]}
+
+
 # ------------------------------------------------------------------------------------- cluster, mlflow
 
 
@@ -283,6 +301,7 @@ class Config(Strict):
     tune: TuneConfig = TuneConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     serve: ServeConfig = ServeConfig()
+    export: ExportConfig = ExportConfig()
     cluster: ClusterConfig = ClusterConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
@@ -290,13 +309,15 @@ class Config(Strict):
         """A copy whose paths are absolute: Ray workers run in other working directories than the driver."""
         tree = self.model_dump(mode="json")
         root = project_root()
-        for section, key in (("data", "nih_dir"), ("data", "covid_dir"), ("data", "shards_dir"), ("train", "run_dir")):
+        dirs = [("data", "nih_dir"), ("data", "covid_dir"), ("data", "shards_dir"), ("train", "run_dir")]
+        for section, key in [*dirs, ("export", "out_dir")]:
             tree[section][key] = str((root / tree[section][key]).resolve())
         for role in ("cnn", "vit"):
             if tree["model"][role]["pretrained"]:
                 tree["model"][role]["pretrained"] = str((root / tree["model"][role]["pretrained"]).resolve())
-            if tree["serve"][role]["checkpoint"]:
-                tree["serve"][role]["checkpoint"] = str((root / tree["serve"][role]["checkpoint"]).resolve())
+            for key in ("checkpoint", "onnx_model"):
+                if tree["serve"][role][key]:
+                    tree["serve"][role][key] = str((root / tree["serve"][role][key]).resolve())
         return Config.model_validate(tree)
 
 

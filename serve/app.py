@@ -94,6 +94,7 @@ def build_app(
         "dicom_modalities": list(cfg.serve.dicom_modalities),
         "api_key_env": cfg.serve.api_key_env,
         "gate": gate_user_config(cfg, ensemble_path),
+        "cache": cfg.serve.cache.model_dump(mode="json"),  # the result cache (serve/cache.py)
     }
     return EnsembleRouter.options(
         num_replicas=router.num_replicas,

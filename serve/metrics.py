@@ -1,7 +1,7 @@
 """Application counters exported through Serve's Prometheus metrics (next to Serve's own request metrics).
 
 Created in the router replica (``ServeMetrics()`` in its constructor), never at import time. Tags hold only the
-endpoint, mode, status and rejection reason: nothing derived from an image.
+endpoint, mode, status, rejection reason and cache store: nothing derived from an image.
 """
 
 from __future__ import annotations
@@ -25,6 +25,21 @@ class ServeMetrics:
             description="Uploads refused before inference, by reason (too_large, unsupported_type, corrupt, ...).",
             tag_keys=("reason",),
         )
+        self.cache_hits = Counter(
+            "cxr_cache_hits",
+            description="Images answered from the result cache, by store (lru or redis).",
+            tag_keys=("store",),
+        )
+        self.cache_misses = Counter(
+            "cxr_cache_misses",
+            description="Cache lookups that found no entry (the models answered), by store.",
+            tag_keys=("store",),
+        )
+        self.cache_errors = Counter(
+            "cxr_cache_errors",
+            description="Result cache reads or writes that failed (the request went uncached), by store and op.",
+            tag_keys=("store", "operation"),
+        )
 
     def answered(self, endpoint: str, mode: str, status: int) -> None:
         self.requests.inc(tags={"endpoint": endpoint, "mode": mode, "status": str(status)})
@@ -34,3 +49,12 @@ class ServeMetrics:
 
     def escalated(self) -> None:
         self.vit_escalations.inc()
+
+    def cache_hit(self, store: str) -> None:
+        self.cache_hits.inc(tags={"store": store})
+
+    def cache_miss(self, store: str) -> None:
+        self.cache_misses.inc(tags={"store": store})
+
+    def cache_error(self, store: str, operation: str) -> None:
+        self.cache_errors.inc(tags={"store": store, "operation": operation})

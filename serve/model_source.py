@@ -33,6 +33,7 @@ def resolve_source(cfg: Config, role: str, checkpoint: str | Path | None = None)
     deployment = getattr(cfg.serve, role)
     uri = tracking_uri(cfg) if cfg.mlflow.tracking_uri or Path(cfg.train.run_dir).is_dir() else None
     source: dict[str, Any] = {"role": role, "checkpoint": None, "registered_model": None, "tracking_uri": uri}
+    source.update(resolve_backend(cfg, role))
     if checkpoint is not None or deployment.checkpoint is not None:
         path = Path(checkpoint if checkpoint is not None else deployment.checkpoint).resolve()
         if not (path / "checkpoint.pt").is_file():
@@ -53,6 +54,27 @@ def resolve_source(cfg: Config, role: str, checkpoint: str | Path | None = None)
         "mlflow_run_id": summary.get("mlflow_run_id"),
         "tracking_uri": summary.get("mlflow_tracking_uri") or uri,
     }
+
+
+def resolve_backend(cfg: Config, role: str) -> dict[str, Any]:
+    """``backend`` and, for onnx, the ``onnx_model`` path: ``serve.<role>.onnx_model``, else the latest export of
+    ``role`` (``<export.out_dir>/latest-<role>.json``). The replica checks the file against its checkpoint."""
+    deployment = getattr(cfg.serve, role)
+    if deployment.backend != "onnx":
+        return {"backend": deployment.backend, "onnx_model": None}
+    if deployment.onnx_model is not None:
+        path = Path(deployment.onnx_model).resolve()
+        if not path.is_file():
+            raise ModelSourceError(f"{role}: serve.{role}.onnx_model {path} not found")
+        return {"backend": "onnx", "onnx_model": str(path)}
+    from pipelines.export import latest_export  # only apps that serve ONNX read the export summary
+
+    try:
+        found = latest_export(cfg, role)
+    except FileNotFoundError as err:
+        hint = f"or set serve.{role}.onnx_model"
+        raise ModelSourceError(f"{role}: serve.{role}.backend is onnx but {err}; {hint}") from None
+    return {"backend": "onnx", "onnx_model": found["path"], "onnx_sha256": found.get("sha256")}
 
 
 def materialize(source: dict[str, Any]) -> tuple[Path, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """One image through the ensemble: preprocess once per input size, ask the CNN, gate, ask the ViT only if needed.
 
 The gate and the fusion are ``models.ensemble.needs_vit`` and ``fuse``, the same functions evaluation and tuning
-use. Model replicas are reached through ``DeploymentHandle``s; their facts (label spaces, preprocessing) are asked
-for once and cached, since a replica restarted by Serve serves the same checkpoint.
+use. Model replicas are reached through ``DeploymentHandle``s; their facts (label spaces, preprocessing, the weights'
+fingerprint) are asked for once and kept until a prediction comes back with another fingerprint (a replica that
+came back with other weights) or, for the result cache's keys, until they are ``FINGERPRINT_MAX_AGE_S`` old.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from models.ensemble import HEADS, confidence, fuse, needs_vit
+from models.explain import fuse_maps
 from serve.preprocess import Preprocessor, PreprocessSpec
 from serve.schema import GateSettings
 
 ROLES = ("cnn", "vit")
+FINGERPRINT_MAX_AGE_S = 1.0  # the cache's view of which weights serve: re-asked when older than this
 
 
 class ModelUnavailable(RuntimeError):
@@ -35,6 +38,8 @@ class EnsemblePipeline:
         self.handles = handles
         self.timeout_s = timeout_s
         self.info: dict[str, dict[str, Any]] = {}
+        self.described_at: dict[str, float] = {}  # role -> time.monotonic() of its info; absent: ask again
+        self._describing: dict[str, asyncio.Future] = {}  # one describe call in flight per role, shared
         self.preprocessors: dict[PreprocessSpec, Preprocessor] = {}
 
     async def call(self, role: str, method: str, *args: Any, timeout_s: float | None = None) -> Any:
@@ -51,10 +56,33 @@ class EnsemblePipeline:
         except (DeploymentUnavailableError, RayActorError, RayServeException) as err:
             raise ModelUnavailable("model_unavailable", f"the {role} failed: {type(err).__name__}") from err
 
-    async def describe(self, role: str, timeout_s: float | None = None) -> dict[str, Any]:
-        if role not in self.info:
-            self.info[role] = await self.call(role, "describe", timeout_s=timeout_s)
+    async def describe(
+        self, role: str, timeout_s: float | None = None, max_age_s: float | None = None
+    ) -> dict[str, Any]:
+        """The role's facts, asked again when never asked, forgotten by ``_answered_by`` or older than ``max_age_s``."""
+        asked = self.described_at.get(role)
+        if asked is None or (max_age_s is not None and time.monotonic() - asked > max_age_s):
+            if role not in self._describing:  # concurrent requests share one call
+                self._describing[role] = asyncio.ensure_future(self._ask_describe(role, timeout_s))
+                self._describing[role].add_done_callback(lambda _: self._describing.pop(role, None))
+            await asyncio.shield(self._describing[role])
         return self.info[role]
+
+    async def _ask_describe(self, role: str, timeout_s: float | None) -> None:
+        self.info[role] = await self.call(role, "describe", timeout_s=timeout_s)
+        self.described_at[role] = time.monotonic()
+
+    async def fingerprints(self, roles: tuple[str, ...], timeout_s: float | None = None) -> dict[str, str | None]:
+        """The weights each role serves now (at most ``FINGERPRINT_MAX_AGE_S`` old), for the result cache's key."""
+        infos = await asyncio.gather(
+            *(self.describe(role, timeout_s, max_age_s=FINGERPRINT_MAX_AGE_S) for role in roles)
+        )
+        return {role: info.get("fingerprint") for role, info in zip(roles, infos, strict=True)}
+
+    def _answered_by(self, role: str, fingerprint: str | None) -> None:
+        """A replica answered with other weights than described: describe the role again on next use."""
+        if fingerprint is not None and self.info.get(role, {}).get("fingerprint") != fingerprint:
+            self.described_at.pop(role, None)
 
     async def model_input(self, role: str, gray: np.ndarray, cache: dict[PreprocessSpec, np.ndarray]) -> np.ndarray:
         """The role's input from the decoded image; roles with the same spec share one preprocessed array."""
@@ -66,42 +94,50 @@ class EnsemblePipeline:
             cache[spec] = await asyncio.to_thread(self.preprocessors[spec], gray)
         return cache[spec]
 
-    async def predict(self, role: str, gray: np.ndarray, cache: dict, timings: dict[str, float]) -> dict[str, Any]:
+    async def predict(
+        self, role: str, gray: np.ndarray, cache: dict, timings: dict[str, float], answered: dict | None = None
+    ) -> dict[str, Any]:
+        """Probabilities per head; ``answered`` (if given) gets the answering replica's weights fingerprint."""
         started = time.perf_counter()
         image = await self.model_input(role, gray, cache)
         timings["preprocess_ms"] = timings.get("preprocess_ms", 0.0) + (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
         probs = await self.call(role, "predict", image)
         timings[f"{role}_ms"] = (time.perf_counter() - started) * 1e3
+        fingerprint = probs.pop("fingerprint", None)  # the replica's, next to the heads
+        self._answered_by(role, fingerprint)
+        if answered is not None:
+            answered[role] = fingerprint
         return probs
 
     async def answer(
         self, gray: np.ndarray, mode: str, settings: GateSettings, heads: tuple[str, ...] = HEADS
     ) -> dict[str, Any]:
-        """Probabilities, the models used, the CNN's confidence and whether the gate escalated, with timings.
+        """Probabilities, the models used, the CNN's confidence, whether the gate escalated, timings and fingerprints.
 
         The gate scores the CNN on ``heads`` only (the heads the caller reads), as evaluation and tuning score
         each image on its own dataset's head; both heads are answered either way."""
         scored = {head: np.array([head in heads]) for head in HEADS}
         cache: dict[PreprocessSpec, np.ndarray] = {}
         timings: dict[str, float] = {}
+        answered: dict[str, str | None] = {}  # role -> fingerprint of the replica that answered
         cnn_confidence = None
         escalated = False
         if mode == "vit":
-            probs, used = await self.predict("vit", gray, cache, timings), ["vit"]
+            probs, used = await self.predict("vit", gray, cache, timings, answered), ["vit"]
         elif mode == "ensemble":
             p_cnn, p_vit = await asyncio.gather(
-                self.predict("cnn", gray, cache, timings), self.predict("vit", gray, cache, timings)
+                self.predict("cnn", gray, cache, timings, answered), self.predict("vit", gray, cache, timings, answered)
             )
             probs, used = fuse(p_cnn, p_vit, settings.w_cnn), ["cnn", "vit"]
         else:
-            p_cnn = await self.predict("cnn", gray, cache, timings)
+            p_cnn = await self.predict("cnn", gray, cache, timings, answered)
             probs, used = p_cnn, ["cnn"]
             if mode == "adaptive":
                 batch = {head: np.asarray(values)[None] for head, values in p_cnn.items()}
                 escalated = bool(needs_vit(batch, settings.threshold, scored)[0])
                 if escalated:
-                    p_vit = await self.predict("vit", gray, cache, timings)
+                    p_vit = await self.predict("vit", gray, cache, timings, answered)
                     probs, used = fuse(p_cnn, p_vit, settings.w_cnn), ["cnn", "vit"]
         if "cnn" in used:
             cnn_confidence = float(confidence({h: np.asarray(v)[None] for h, v in p_cnn.items()}, scored)[0])
@@ -110,5 +146,41 @@ class EnsemblePipeline:
             "models_used": used,
             "cnn_confidence": cnn_confidence,
             "escalated": escalated,
+            "timings": timings,
+            "fingerprints": answered,
+        }
+
+    async def explain(
+        self, gray: np.ndarray, roles: tuple[str, ...], head: str, target: str | None, w_cnn: float
+    ) -> dict[str, Any]:
+        """Grad-CAM of ``target`` (default: the most probable label of ``head``) from each role, fused for the
+        ensemble with the gate's weight; also the model input the map belongs to, for the overlay."""
+        from serve.explanations import target_index  # serving-only helper; keeps this module free of Starlette
+
+        cache: dict[PreprocessSpec, np.ndarray] = {}
+        timings: dict[str, float] = {}
+        labels = (await self.describe(roles[0]))["label_spaces"]
+        if target is None:
+            probs = await asyncio.gather(*(self.predict(role, gray, cache, timings) for role in roles))
+            fused = fuse(probs[0], probs[1], w_cnn) if len(roles) == 2 else probs[0]
+            target = labels[head][int(np.argmax(fused[head]))]
+        index = target_index(labels, head, target)
+        started = time.perf_counter()
+        images = await asyncio.gather(*(self.model_input(role, gray, cache) for role in roles))
+        found = await asyncio.gather(
+            *(self.call(role, "explain", image, head, index) for role, image in zip(roles, images, strict=True))
+        )
+        timings["explain_ms"] = (time.perf_counter() - started) * 1e3
+        if len(roles) == 2:
+            cam = fuse_maps(found[0]["cam"], found[1]["cam"], w_cnn)
+            probability = w_cnn * found[0]["probability"] + (1.0 - w_cnn) * found[1]["probability"]
+        else:
+            cam, probability = found[0]["cam"], found[0]["probability"]
+        return {
+            "target": target,
+            "cam": cam,
+            "probability": float(probability),
+            "methods": {role: item["method"] for role, item in zip(roles, found, strict=True)},
+            "image": max(images, key=lambda image: image.shape[-1])[0],  # the larger input when sizes differ
             "timings": timings,
         }

@@ -1,8 +1,10 @@
 """The CNN and ViT model deployments: one network per replica, requests batched with ``@serve.batch``.
 
 A replica takes preprocessed uint8 images ``[1, S, S]`` (the router decodes and preprocesses once) and returns
-probabilities per head (nih14 sigmoid, covid softmax) as numpy arrays. The forward pass runs in a worker thread,
-so the replica's event loop keeps queueing the next batch while this one computes.
+probabilities per head (nih14 sigmoid, covid softmax) as numpy arrays, plus ``"fingerprint"``: the sha256 of the
+weights it serves (``serve.cache.model_fingerprint``, also in ``describe()``), which keys the router's result cache.
+The forward pass runs in a worker thread, so the replica's event loop keeps queueing the next batch meanwhile.
+With ``serve.<role>.backend: onnx`` a CPU replica computes them with ONNX Runtime (``serve/onnx_backend.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +33,10 @@ class ModelReplica:
     def __init__(self, source: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float, threads: int):
         import torch  # in the replica only: building the app must not load torch models
 
-        from models.checkpoint import load_checkpoint, model_from_checkpoint
+        from models.checkpoint import CHECKPOINT_FILE, load_checkpoint, model_from_checkpoint
+        from serve.cache import model_fingerprint
         from serve.model_source import materialize
+        from serve.onnx_backend import backend_for_replica
         from serve.preprocess import PreprocessSpec
 
         torch.set_num_threads(threads)  # one thread per replica on small machines: two collapse under load
@@ -52,10 +57,17 @@ class ModelReplica:
             "preprocessing": {**payload["preprocessing"], **vars(PreprocessSpec.from_checkpoint_meta(payload))},
             "device": str(self.device),
         }
+        # backend onnx: ONNX Runtime answers predict on CPU replicas; self.model stays loaded (explain uses it)
+        self._runner, backend_info = backend_for_replica(
+            source, payload, self.info["preprocessing"]["storage_size"], self.device, threads
+        )
+        self.info.update(backend_info)
         del payload  # the optimizer state is not needed to serve
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.predict.set_max_batch_size(batch_max_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # last, so every key of info (the backend's too) is set: the result cache keys answers by these weights
+        self.info["fingerprint"] = model_fingerprint(Path(checkpoint_dir) / CHECKPOINT_FILE, self.info)
         log.info("%s replica ready: %s on %s (pid %d)", source["role"], self.info["version"], self.device, os.getpid())
 
     def describe(self) -> dict[str, Any]:
@@ -63,13 +75,31 @@ class ModelReplica:
         return self.info
 
     @serve.batch(max_batch_size=DEFAULT_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    async def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         batch = np.stack(images)
         probs = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch)
-        return [{head: values[i] for head, values in probs.items()} for i in range(len(images))]
+        fingerprint = self.info["fingerprint"]  # which weights answered: the router keys its cache by it
+        return [
+            {**{head: values[i] for head, values in probs.items()}, "fingerprint": fingerprint}
+            for i in range(len(images))
+        ]
 
     def _forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self._runner is not None:
+            return self._runner(batch)
         return probabilities(self.model, batch, self.device)
+
+    async def explain(self, image: np.ndarray, head: str, target: int) -> dict[str, Any]:
+        """Grad-CAM of one label for one preprocessed image; not batched (a backward pass per request), and on
+        the same single forward thread as ``predict``, so the two never run the model at once."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._executor, self._explain, image, head, target)
+        return {"cam": found.cam, "probability": found.probability, "method": found.method}
+
+    def _explain(self, image: np.ndarray, head: str, target: int):
+        from models.explain import grad_cam
+
+        return grad_cam(self.model, image[None], head, target)[0]
 
 
 def probabilities(model, batch: np.ndarray, device) -> dict[str, np.ndarray]:

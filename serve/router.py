@@ -1,10 +1,13 @@
 """``EnsembleRouter``: the HTTP ingress (a Starlette app inside a Serve deployment) in front of the two models.
 
-Routes (all JSON):
+Routes (JSON unless said):
     POST /v1/predict[?mode=adaptive|cnn|vit|ensemble][&head=nih14|covid]   one image: multipart file or raw body
     POST /v1/predict/batch[?mode=...]                   several file parts: one result or error per image, in order
+    POST /v1/explain?head=nih14|covid[&target=NAME][&model=cnn|vit|ensemble][&format=png]
+                                                        Grad-CAM of one label: raw map + overlay PNG (or the PNG)
+    GET  /                                              the upload page (serve/web/), its files under /static/
     GET  /v1/health                                     200 only when both models are loaded (never needs the key)
-    GET  /v1/model                                      versions, checkpoints, label spaces, ensemble settings
+    GET  /v1/model                                      versions, checkpoints, label spaces, ensemble, cache settings
 
 The Starlette app is built per replica by ``__serve_build_asgi_app__`` (``serve.ingress()`` without an app), so
 its routes close over this replica's handles and live gate settings. ``reconfigure`` takes the ``user_config``
@@ -14,6 +17,7 @@ its routes close over this replica's handles and live gate settings. ``reconfigu
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import os
@@ -24,10 +28,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from models.ensemble import HEADS
+from serve.cache import Lookup, ResultCache, roles_for
+from serve.explanations import ExplainQuery, map_json, overlay_png
 from serve.inputs import InputLimits, InputRejected, decode_upload
 from serve.metrics import ServeMetrics
 from serve.pipeline import ROLES, EnsemblePipeline, ModelUnavailable
@@ -55,6 +61,7 @@ class EnsembleRouter:
         self.api_key = self._api_key(options.get("api_key_env"))
         self.settings = GateSettings.from_user_config(options["gate"])  # until the first reconfigure
         self.metrics = ServeMetrics()
+        self.cache = ResultCache.from_options(options.get("cache"), self.metrics)  # serve.cache
 
     @staticmethod
     def _api_key(env_name: str | None) -> str | None:
@@ -162,7 +169,7 @@ class EnsembleRouter:
             decode_started = time.perf_counter()
             gray, image_format = await asyncio.to_thread(decode_upload, upload.data, self.limits)
             decode_ms = (time.perf_counter() - decode_started) * 1e3
-            result = await self.pipeline.answer(gray, mode, settings, heads)
+            result, cached = await self._cached_answer(gray, mode, heads, settings)
         except InputRejected as err:
             self.metrics.rejected(err.reason)
             return err.status, err.as_json()
@@ -171,7 +178,7 @@ class EnsembleRouter:
         except Exception as err:  # the router must not fall over on anything an input triggers
             log.error("unexpected %s while answering a request", type(err).__name__)  # no image content logged
             return 500, error_body(500, "internal", type(err).__name__)
-        if result["escalated"]:
+        if result["escalated"] and not cached.hit:  # a cached answer called no ViT
             self.metrics.escalated()
         labels = (await self.pipeline.describe(result["models_used"][0]))["label_spaces"]
         body = {
@@ -188,16 +195,79 @@ class EnsembleRouter:
             },
             "model_versions": {role: self.pipeline.info[role]["version"] for role in result["models_used"]},
             "input": {"format": image_format, "width": int(gray.shape[1]), "height": int(gray.shape[0])},
+            "cache": self.cache.marker(cached),
             "latency_ms": {
                 "total": (time.perf_counter() - started) * 1e3,
                 "decode": decode_ms,
-                **{k.removesuffix("_ms"): v for k, v in result["timings"].items()},
+                **{k.removesuffix("_ms"): v for k, v in result.get("timings", {}).items()},
             },
         }
         return 200, body
 
-    async def explain(self, request: Request) -> JSONResponse:
-        return _error(501, "not_implemented", "explanations are being built")
+    async def _cached_answer(
+        self, gray: Any, mode: str, heads: tuple[str, ...], settings: GateSettings
+    ) -> tuple[dict[str, Any], Lookup]:
+        """The pipeline's answer, from the result cache when it holds one for these pixels, weights and gate."""
+        fingerprints: dict[str, str | None] = {}
+        if self.cache.enabled:
+            try:
+                fingerprints = await self.pipeline.fingerprints(roles_for(mode), HEALTH_TIMEOUT_S)
+            except ModelUnavailable:  # e.g. the ViT is down: an adaptive request the CNN settles still succeeds
+                fingerprints = {}  # unknown weights: answered uncached
+        lookup = await self.cache.lookup(gray, mode, heads, settings, fingerprints)
+        if lookup.value is not None:
+            return lookup.value, lookup
+        result = await self.pipeline.answer(gray, mode, settings, heads)
+        await self.cache.remember(lookup, mode, heads, settings, result)
+        return result, lookup
+
+    async def explain(self, request: Request) -> Response:
+        """Grad-CAM of one label: JSON with the raw map and a base64 overlay PNG, or the PNG (``format=png``)."""
+        started = time.perf_counter()
+        model = request.query_params.get("model", "cnn")
+        if denied := self._unauthorised(request):
+            self.metrics.answered("explain", model, 401)
+            return denied
+        settings = self.settings
+        try:
+            query = ExplainQuery.from_params(request.query_params)
+            upload = (await read_uploads(request, self.limits.max_bytes, 1))[0]
+            if upload.rejected is not None:
+                raise upload.rejected
+            gray, image_format = await asyncio.to_thread(decode_upload, upload.data, self.limits)
+            found = await self.pipeline.explain(gray, query.roles, query.head, query.target, settings.w_cnn)
+            png = await asyncio.to_thread(overlay_png, found["image"], found["cam"])
+        except InputRejected as err:
+            self.metrics.rejected(err.reason)
+            self.metrics.answered("explain", model, err.status)
+            return JSONResponse(err.as_json(), status_code=err.status)
+        except ModelUnavailable as err:
+            self.metrics.answered("explain", model, 503)
+            return _error(503, err.reason, err.detail)
+        except Exception as err:  # as in predict: no input may take the router down
+            log.error("unexpected %s while explaining a request", type(err).__name__)
+            self.metrics.answered("explain", model, 500)
+            return _error(500, "internal", type(err).__name__)
+        self.metrics.answered("explain", model, 200)
+        if query.format == "png":
+            return Response(png, media_type="image/png")
+        body = {
+            "api_version": API_VERSION,
+            "head": query.head,
+            "target": found["target"],
+            "model": query.model,
+            "probability": found["probability"],
+            "method": found["methods"],
+            "map": map_json(found["cam"]),
+            "overlay_png": base64.b64encode(png).decode("ascii"),
+            "model_versions": {role: self.pipeline.info[role]["version"] for role in query.roles},
+            "input": {"format": image_format, "width": int(gray.shape[1]), "height": int(gray.shape[0])},
+            "latency_ms": {
+                "total": (time.perf_counter() - started) * 1e3,
+                **{k.removesuffix("_ms"): v for k, v in found["timings"].items()},
+            },
+        }
+        return JSONResponse(body)
 
     async def health(self, request: Request) -> JSONResponse:
         states = await asyncio.gather(*(self._model_state(role) for role in ROLES))
@@ -225,6 +295,7 @@ class EnsembleRouter:
             "api_version": API_VERSION,
             "models": models,
             "ensemble": self.settings.as_dict(),
+            "cache": self.cache.describe(),
             "modes": list(MODES),
             "limits": {
                 "max_upload_bytes": self.limits.max_bytes,

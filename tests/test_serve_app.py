@@ -7,6 +7,7 @@ live reconfigure, the overload burst and the replica kill come last.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import signal
@@ -246,6 +247,72 @@ def test_batch_limits(served):
     assert raw.status_code == 400 and raw.json()["error"]["reason"] == "expected_multipart"
 
 
+# ------------------------------------------------------------------------------------------- explanations
+
+
+def explain(served, data, headers=HEADERS, **params):
+    return requests.post(served["url"] + "/v1/explain", data=data, params=params, headers=headers, timeout=60)
+
+
+def test_explain_cnn_is_the_grad_cam_of_the_checkpoint_in_process(served):
+    from models.explain import grad_cam
+
+    data = png(300, seed=21)
+    answer = explain(served, data, head="nih14", target="Cardiomegaly", model="cnn")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["head"], body["target"], body["model"]) == ("nih14", "Cardiomegaly", "cnn")
+    model = model_from_checkpoint(served["checkpoints"]["cnn"])
+    gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    expected = grad_cam(model, Preprocessor(PreprocessSpec(64, 64))(gray)[None], "nih14", NIH14.index("Cardiomegaly"))
+    served_map = np.array(body["map"]["values"])
+    assert served_map.shape == (body["map"]["height"], body["map"]["width"]) == expected[0].cam.shape
+    np.testing.assert_allclose(served_map, expected[0].cam, atol=2e-3)  # the JSON rounds to 4 decimals
+    assert body["probability"] == pytest.approx(expected[0].probability, abs=1e-5)
+    assert body["method"]["cnn"].startswith("grad-cam on backbone.blocks")
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size == (256, 256)
+    assert body["model_versions"] == {"cnn": "cnn"} and body["latency_ms"]["explain"] > 0
+
+
+def test_explain_defaults_to_the_top_label_and_fuses_the_ensemble(served):
+    data = png(seed=22)
+    predicted = post(served, data=data, mode="ensemble").json()
+    top = max(predicted["covid"]["probabilities"], key=predicted["covid"]["probabilities"].get)
+    body = explain(served, data, head="covid", model="ensemble").json()
+    assert body["target"] == top and set(body["method"]) == {"cnn", "vit"}
+    assert body["probability"] == pytest.approx(predicted["covid"]["probabilities"][top], abs=1e-5)
+    vit = explain(served, data, head="covid", model="vit", target=top).json()
+    assert vit["method"]["vit"].startswith("grad-cam on backbone.blocks") and vit["map"]["height"] == 4
+
+
+def test_explain_png_format_answers_the_image(served):
+    answer = explain(served, png(seed=23), model="vit", format="png")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(answer.content)).size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("params", "data", "status", "reason"),
+    [
+        ({"target": "Cardiomegally"}, None, 400, "bad_target"),
+        ({"model": "adaptive"}, None, 400, "bad_model"),
+        ({"head": "chexpert"}, None, 400, "bad_head"),
+        ({}, b"not an image", 415, "unsupported_type"),
+        ({}, b"\x89PNG" + bytes(int(MAX_UPLOAD_MB * 2**20)), 413, "too_large"),
+    ],
+)
+def test_explain_validates_like_predict(served, params, data, status, reason):
+    answer = explain(served, data if data is not None else png(seed=24), **params)
+    assert answer.status_code == status and answer.json()["error"]["reason"] == reason, answer.text
+    if reason == "bad_target":
+        assert "Cardiomegaly" in answer.json()["error"]["detail"]  # the known labels are listed
+
+
+def test_explain_needs_the_key(served):
+    assert explain(served, png(seed=25), headers={}).status_code == 401
+
+
 def test_try_sends_test_split_files_and_prints_one_line_each(served, shards_config, capsys):
     """`cxr serve --try N` (the demo's last step): original test-split files from ingest's folders, over HTTP."""
     from pipelines.serve_try import pick_test_images, try_images
@@ -328,13 +395,14 @@ def test_live_reconfigure_changes_the_gate_without_restarting_replicas(served):
 
 
 def test_overload_answers_503_fast(served):
-    """A burst far past the router's max_ongoing + max_queued: the excess is shed at once with 503."""
-    data, start = png(400, seed=8), threading.Barrier(48)
+    """A burst far past the router's max_ongoing + max_queued: the excess is shed at once with 503. Distinct
+    images, so no admitted request is a result-cache hit: each one is model work."""
+    images, start = [png(400, seed=100 + i) for i in range(48)], threading.Barrier(48)
 
-    def one(_):
+    def one(index):
         start.wait()
         began = time.perf_counter()
-        answer = post(served, data=data, mode="ensemble")
+        answer = post(served, data=images[index], mode="ensemble")
         return answer.status_code, time.perf_counter() - began
 
     with ThreadPoolExecutor(48) as pool:
@@ -344,7 +412,7 @@ def test_overload_answers_503_fast(served):
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) >= 1 and len(shed) >= 48 - 4 * (4 + ROUTER_QUEUE), statuses
     assert shed[len(shed) // 2] < 1.0, f"median 503 took {shed[len(shed) // 2]:.2f}s"
-    assert post(served, data=png(), mode="cnn").status_code == 200  # and it recovers at once
+    assert post(served, data=png(seed=10), mode="cnn").status_code == 200  # and it recovers at once (a new image)
 
 
 def test_killed_model_replica_is_restarted_and_requests_succeed_again(served):
@@ -362,6 +430,7 @@ def test_killed_model_replica_is_restarted_and_requests_succeed_again(served):
         assert time.monotonic() - killed_at < 120, f"no recovery within 120 s: {statuses}"
         time.sleep(0.5)
     recovered_s = time.monotonic() - killed_at
+    assert answer.json()["cache"]["hit"] is False  # the new replica answered, not the result cache
     assert set(statuses) <= {200, 503}, statuses  # while it is down: 503 with a reason, never a crash
     assert cnn_name not in replica_actors()  # a new replica took its place
     print(f"recovered {recovered_s:.1f}s after SIGKILL; statuses while down: {statuses}")
