@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cxr serve: {url}/v1/health did not report ready; see the Serve logs", file=sys.stderr)
         return 1
     key = f' -H "X-API-Key: ${cfg.serve.api_key_env}"' if cfg.serve.api_key_env else ""
-    print(f"serving at {url}  (API: {url}/v1/predict, /v1/predict/batch, /v1/health, /v1/model)")
+    print(f"serving at {url}  (web page: {url}/)")
+    print("API: /v1/predict, /v1/predict/batch, /v1/explain, /v1/health, /v1/model")
     print(f"try: curl{key} --data-binary @image.png '{url}/v1/predict?mode=adaptive'")
     if args.try_images:
         api_key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
