@@ -6,6 +6,7 @@ preprocessing) and ``meta.json`` (the same minus tensors, for people and for too
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ from models.labels import NIH14
 from models.network import CxrNet
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file (checkpoint or ONNX export), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 META_FILE = "meta.json"
 
 

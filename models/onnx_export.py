@@ -16,7 +16,6 @@ into constants (TracerWarnings); the dynamo exporter keeps the batch axis symbol
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import tempfile
@@ -141,14 +140,6 @@ def check_metadata(path: str | Path, found: dict[str, str], expected: dict[str, 
                 f"{path}: metadata field {field!r} is {got!r} but the checkpoint has {want!r}: "
                 "this ONNX file was exported from another model; export this checkpoint with `cxr export`"
             )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- running it

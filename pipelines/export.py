@@ -152,7 +152,7 @@ def _quantized(cfg: Config, role: str, fp32: Path, session, batches: list[np.nda
 
 
 def _file_facts(path: Path) -> dict[str, Any]:
-    from models.onnx_export import file_sha256
+    from models.checkpoint import file_sha256
 
     return {"path": str(path), "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
 

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from models.checkpoint import file_sha256
 from serve.schema import GateSettings
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,6 @@ class CacheStoreError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ fingerprints, keys
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(checkpoint_file: str | Path, info: dict[str, Any]) -> str:

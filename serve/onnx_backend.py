@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from models.checkpoint import file_sha256
 from models.onnx_export import (
     OnnxMetadataError,
     build_metadata,
     check_metadata,
-    file_sha256,
     onnx_logits,
     ort_session,
     probabilities_from_logits,

@@ -229,7 +229,7 @@ def test_cxr_export_stage_writes_checks_logs_and_records(exports, tmp_path, caps
     assert latest["int8"]["calibration"] == {"split": "val", "images": 10}
     assert latest["int8"]["agreement_with_fp32"]["images"] == 10
     assert latest["source_checkpoint"] == str(checkpoint)
-    from models.onnx_export import file_sha256
+    from models.checkpoint import file_sha256
 
     assert latest["sha256"] == file_sha256(latest["path"])
     assert read_metadata(latest["path"])["quantize"] == "static"
