@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.cli_args import add_config_args, config_from_args
+from models.errors import CxrError
+from pipelines.cli import run_module
 from pipelines.config import Config
 
 STATE_FILE = "cluster.json"
@@ -29,7 +30,7 @@ TOKEN_FILE = "auth_token"
 UP_TIMEOUT_S = 180.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(CxrError, RuntimeError):
     pass
 
 
@@ -164,42 +165,47 @@ def print_connect_help(state: dict) -> None:
     print(f"dashboard and job server: {url}  (the page asks for the token in {state['token_path']})")
     print(f"clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={state['token_path']}")
     print(f"run a stage as a job: cxr train --profile demo --model cnn --address {url}")
-    print(f"           or: ray job submit --address {url} --working-dir . -- python -m pipelines.train ...")
+    print(f"           or: ray job submit --address {url} --working-dir . -- python -m pipelines.train.driver ...")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cxr cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("up", "down", "status"))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cxr cluster up` (down and status take only the shared ones)."""
     parser.add_argument("--workers", type=int, default=0, help="extra worker nodes beside the head (default 0)")
     parser.add_argument(
         "--worker-cpus", default=None, help="CPUs per worker node, one value or one per worker (e.g. 1,2)"
     )
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    try:
-        if args.action == "up":
-            cpus = parse_worker_cpus(args.worker_cpus or str(cfg.cluster.local.worker_cpus), args.workers)
-            state = up(cfg, args.workers, cpus, cfg.cluster.dashboard_port)
-            names = ", ".join(f"{n['name']} ({n['num_cpus']:g} CPU)" for n in state["nodes"])
-            print(f"cluster up: {names}; GCS {state['gcs_address']}")
-            print_connect_help(state)
-        elif args.action == "down":
-            print("cluster stopped" if down(cfg) else "no cluster running")
-        else:
-            state, nodes = status(cfg)
-            if state is None:
-                print("no cluster running")
-                return 1
-            print(f"cluster pid {state['pid']}, GCS {state['gcs_address']}")
-            for node in nodes:
-                role = "head" if node["head"] else "worker"
-                print(f"  {node['name']:<10} {role:<7} {node['state']:<6} {node['cpus'] or 0:g} CPU")
-            print_connect_help(state)
-    except ClusterError as err:
-        print(f"cxr cluster: error: {err}", file=sys.stderr)
-        return 1
+
+
+def run_up(args: argparse.Namespace, cfg: Config) -> int:
+    cpus = parse_worker_cpus(args.worker_cpus or str(cfg.cluster.local.worker_cpus), args.workers)
+    state = up(cfg, args.workers, cpus, cfg.cluster.dashboard_port)
+    names = ", ".join(f"{n['name']} ({n['num_cpus']:g} CPU)" for n in state["nodes"])
+    print(f"cluster up: {names}; GCS {state['gcs_address']}")
+    print_connect_help(state)
     return 0
+
+
+def run_down(args: argparse.Namespace, cfg: Config) -> int:
+    print("cluster stopped" if down(cfg) else "no cluster running")
+    return 0
+
+
+def run_status(args: argparse.Namespace, cfg: Config) -> int:
+    state, nodes = status(cfg)
+    if state is None:
+        print("no cluster running")
+        return 1
+    print(f"cluster pid {state['pid']}, GCS {state['gcs_address']}")
+    for node in nodes:
+        role = "head" if node["head"] else "worker"
+        print(f"  {node['name']:<10} {role:<7} {node['state']:<6} {node['cpus'] or 0:g} CPU")
+    print_connect_help(state)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`cxr cluster up|down|status`; also `python -m cluster.local up|down|status` (what a Ray job runs)."""
+    return run_module(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

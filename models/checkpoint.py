@@ -2,18 +2,22 @@
 
 A checkpoint directory holds ``checkpoint.pt`` (weights, optimizer, scheduler, epoch, config, label spaces,
 preprocessing) and ``meta.json`` (the same minus tensors, for people and for tools that must not load torch).
+``preprocessing`` says how an image becomes the model's input (``PreprocessSpec``: the size ingest stored it at,
+then the input size), so evaluation, export and serving prepare images as training did without the config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from models.errors import CxrError
 from models.labels import NIH14
 from models.network import CxrNet
 
@@ -29,11 +33,39 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def model_fingerprint(checkpoint_file: str | Path, info: dict[str, Any]) -> str:
+    """Which weights answer: sha256 of the checkpoint file, the backend and the ONNX file's sha256 (when that
+    backend sets it). Keys the serving result cache, so other weights never get an older model's answer."""
+    parts = {
+        "checkpoint_sha256": file_sha256(checkpoint_file),
+        "backend": info.get("backend", "torch"),
+        "onnx_sha256": info.get("onnx_sha256"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 META_FILE = "meta.json"
+# The config schema's default storage size, for checkpoints written before they recorded theirs.
+LEGACY_STORAGE_SIZE = 256
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(CxrError, FileNotFoundError):
     """A checkpoint path that does not hold a checkpoint of this project."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """decoded grayscale -> square at ``storage_size`` (as ingest stored it) -> ``input_size`` (the model's input)."""
+
+    storage_size: int
+    input_size: int
+
+    @classmethod
+    def from_checkpoint_meta(cls, meta: dict[str, Any]) -> PreprocessSpec:
+        """From a checkpoint's ``meta.json`` / payload (``preprocessing``; older checkpoints: the training config)."""
+        pre = meta["preprocessing"]
+        storage = pre.get("storage_size") or (meta.get("config") or {}).get("data", {}).get("storage_size")
+        return cls(int(storage or LEGACY_STORAGE_SIZE), int(pre["input_size"]))
 
 
 def unwrap(model: nn.Module) -> CxrNet:
@@ -66,6 +98,7 @@ def save_checkpoint(
         "label_spaces": {"nih14": list(NIH14), "covid": list(net.covid_classes)},
         "preprocessing": {
             "input_size": net.input_size,
+            "storage_size": (config.get("data") or {}).get("storage_size") or LEGACY_STORAGE_SIZE,
             "channels": 1,
             "input_dtype": "uint8",
             "mean": float(net.mean),

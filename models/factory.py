@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from timm.models import adapt_input_conv
 
+from models.errors import CxrError
 from models.labels import COVID_CLASSES
 from models.network import CxrNet
 
 log = logging.getLogger(__name__)
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(CxrError, ValueError):
     """A local weights file that is missing or does not fit the model; the message names file and keys."""
 
 

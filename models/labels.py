@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from models.errors import CxrError
+
 # The NIH order used by the dataset paper and every model trained on it.
 NIH14: tuple[str, ...] = (
     "Atelectasis",
@@ -30,7 +32,7 @@ COVID_DATASET_FOLDER = "COVID-19_Radiography_Dataset"
 SOURCES: tuple[str, ...] = ("nih", "covid")
 
 
-class LabelError(ValueError):
+class LabelError(CxrError, ValueError):
     """A label that is not part of the label space."""
 
 

@@ -29,6 +29,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
+from models.errors import CxrError
 from models.network import CxrNet
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ CHECKED_FIELDS = ("arch", "input_size", "mean", "std", "label_spaces", "storage_
 QUANTIZE_MODES = ("dynamic", "static")
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(CxrError, RuntimeError):
     """An export that failed a check (checker, parity); the message names the file and the figure."""
 
 
-class OnnxMetadataError(ValueError):
+class OnnxMetadataError(CxrError, ValueError):
     """An ONNX file whose metadata does not match the checkpoint it is served with; names the file and field."""
 
 

@@ -17,10 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.errors import CxrError
+
 DEFAULT_CONFIG_PATH = Path("ray_config.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(CxrError, ValueError):
     """A configuration file, profile or override is invalid; the message names the dotted key."""
 
 

@@ -8,7 +8,7 @@ fp32 -> ``<export.out_dir>/<role>/<run>-<checkpoint>/`` (``model.onnx``, ``model
 ``export.json``), logged to MLflow under ``onnx/`` beside the checkpoint (its training run when known), and
 ``<export.out_dir>/latest-<role>.json`` naming the newest export, which ``serve.<role>.backend: onnx`` serves.
 
-Shards are read in this process with pyarrow (``pipelines.streaming.local_batches``): no Ray is started.
+Shards are read in this process with pyarrow (``pipelines.data.shards.first_batches``): no Ray is started.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ import json
 import logging
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.cli_args import add_config_args, config_from_args
-from pipelines.config import Config, ConfigError, config_from_dict
-from pipelines.streaming import ShardsNotFoundError, local_batches, shard_files
+from models.errors import CxrError
+from pipelines.artifacts import latest_checkpoint, latest_training, write_latest_export
+from pipelines.cli import run_module
+from pipelines.config import Config
+from pipelines.data.shards import first_batches
+from pipelines.data.transforms import TransformSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,48 +37,19 @@ FP32_FILE = "model.onnx"
 REPORT_FILE = "export.json"
 
 
-class ExportError(ValueError):
+class ExportError(CxrError, ValueError):
     """A checkpoint that cannot be exported as asked (wrong role, ...); the message names it."""
 
 
 # ------------------------------------------------------------------------------------------- summaries
 
 
-def summary_path(cfg: Config, role: str) -> Path:
-    return Path(cfg.export.out_dir) / f"latest-{role}.json"
-
-
-def latest_export(cfg: Config, role: str) -> dict[str, Any]:
-    """What the last ``cxr export --model <role>`` wrote: ``path`` (the newest model), ``sha256``, parity, ..."""
-    path = summary_path(cfg, role)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `cxr export --model {role} --format onnx` first")
-    return json.loads(path.read_text())
-
-
-def default_checkpoint(cfg: Config, role: str) -> Path:
-    from pipelines.train import latest_summary
-
-    return Path(latest_summary(cfg, role)["best_checkpoint"])
-
-
 # --------------------------------------------------------------------------------------------- batches
 
 
-def eval_config(cfg: Config, payload: dict[str, Any]) -> Config:
-    """``cfg`` with the checkpoint's input size: the evaluation transform must resize as the model was trained."""
-    tree = cfg.model_dump(mode="json")
-    tree["model"]["input_size"] = int(payload["preprocessing"]["input_size"])
-    return config_from_dict(tree, "export")
-
-
-def split_batches(cfg: Config, split: str, batches: int, batch_size: int) -> list[np.ndarray]:
-    """The first ``batches`` uint8 image batches of ``split`` through the evaluation transform, in shard order."""
-    files = shard_files(cfg.data.shards_dir, split)
-    found = [batch["image"].numpy() for batch in islice(local_batches(files, cfg, False, batch_size), batches)]
-    if not found:
-        raise ShardsNotFoundError(f"{cfg.data.shards_dir}/{split}: no rows to export with")
-    return found
+def eval_transform(payload: dict[str, Any]) -> TransformSpec:
+    """The evaluation transform of a checkpoint: resize to the input size it was trained at."""
+    return TransformSpec(int(payload["preprocessing"]["input_size"]))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -84,11 +57,10 @@ def split_batches(cfg: Config, split: str, batches: int, batch_size: int) -> lis
 
 def export(cfg: Config, role: str, checkpoint: Path | None = None, quantize: str | None = None) -> dict[str, Any]:
     """Export one checkpoint; returns the summary also written to ``export.json`` and ``latest-<role>.json``."""
-    from models.checkpoint import load_checkpoint, model_from_checkpoint
+    from models.checkpoint import PreprocessSpec, load_checkpoint, model_from_checkpoint
     from models.onnx_export import OnnxExportError, build_metadata, export_onnx, logit_parity, ort_session
-    from serve.preprocess import PreprocessSpec
 
-    checkpoint = Path(checkpoint or default_checkpoint(cfg, role)).resolve()
+    checkpoint = Path(checkpoint or latest_checkpoint(cfg, role)).resolve()
     payload = load_checkpoint(checkpoint)
     if payload.get("role", role) != role:
         raise ExportError(f"{checkpoint}: a {payload['role']} checkpoint, not {role} (--model {role})")
@@ -100,8 +72,8 @@ def export(cfg: Config, role: str, checkpoint: Path | None = None, quantize: str
     began = time.perf_counter()
     fp32 = export_onnx(model, folder / FP32_FILE, build_metadata(payload, checkpoint, storage))
     log.info("%s: exported in %.1f s", fp32, time.perf_counter() - began)
-    tcfg = eval_config(cfg, payload)
-    batches = split_batches(tcfg, "test", cfg.export.parity_batches, cfg.export.batch_size)
+    spec = eval_transform(payload)
+    batches = first_batches(cfg.data.shards_dir, "test", spec, cfg.export.parity_batches, cfg.export.batch_size)
     session = ort_session(fp32)
     parity = logit_parity(model, session, batches)
     if parity["max_abs_logit_diff"] > cfg.export.parity_atol:
@@ -117,7 +89,7 @@ def export(cfg: Config, role: str, checkpoint: Path | None = None, quantize: str
         "source_checkpoint": str(checkpoint),
         "fp32": _file_facts(fp32),
         "parity": {**parity, "atol": cfg.export.parity_atol, "split": "test"},
-        "int8": _quantized(tcfg, role, fp32, session, batches, quantize) if quantize else None,
+        "int8": _quantized(cfg, spec, role, fp32, session, batches, quantize) if quantize else None,
         "opset": _opset(fp32),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
@@ -127,18 +99,20 @@ def export(cfg: Config, role: str, checkpoint: Path | None = None, quantize: str
     (folder / REPORT_FILE).write_text(json.dumps(summary, indent=2))
     summary.update(_log_to_mlflow(cfg, payload, folder, summary))
     (folder / REPORT_FILE).write_text(json.dumps(summary, indent=2))
-    summary_path(cfg, role).parent.mkdir(parents=True, exist_ok=True)
-    summary_path(cfg, role).write_text(json.dumps(summary, indent=2))
+    write_latest_export(cfg, role, summary)
     return summary
 
 
-def _quantized(cfg: Config, role: str, fp32: Path, session, batches: list[np.ndarray], mode: str) -> dict[str, Any]:
+def _quantized(
+    cfg: Config, spec: TransformSpec, role: str, fp32: Path, session, batches: list[np.ndarray], mode: str
+) -> dict[str, Any]:
     """The int8 model of ``mode`` beside ``fp32`` and how closely it agrees with it on the parity batches."""
     from models.onnx_export import agreement, ort_session, quantize_int8
 
     calibration = None
     if mode == "static":
-        calibration = split_batches(cfg, "val", cfg.export.calibration_batches, cfg.export.batch_size)
+        size = cfg.export.batch_size
+        calibration = first_batches(cfg.data.shards_dir, "val", spec, cfg.export.calibration_batches, size)
     began = time.perf_counter()
     target = fp32.with_name(f"model-int8-{mode}.onnx")
     op_types = cfg.export.dynamic_op_types if mode == "dynamic" else cfg.export.static_op_types.get(role, [])
@@ -182,9 +156,7 @@ def _source_run(cfg: Config, payload: dict[str, Any], checkpoint: str) -> tuple[
     uri = ((payload.get("config") or {}).get("mlflow") or {}).get("tracking_uri")
     if run_id is None:
         try:
-            from pipelines.train import latest_summary
-
-            summary = latest_summary(cfg, payload.get("role", ""))
+            summary = latest_training(cfg, payload.get("role", ""))
         except FileNotFoundError:
             return None, None
         if Path(summary["best_checkpoint"]).resolve() != Path(checkpoint):
@@ -201,7 +173,7 @@ def _log_to_mlflow(cfg: Config, payload: dict[str, Any], folder: Path, summary: 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from pipelines.train import tracking
 
     run_id, uri = _source_run(cfg, payload, summary["source_checkpoint"])
     uri = uri or tracking.tracking_uri(cfg)
@@ -253,27 +225,26 @@ def describe(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    from models.checkpoint import CheckpointError
-    from models.onnx_export import QUANTIZE_MODES, OnnxExportError
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.onnx_export import QUANTIZE_MODES
 
-    parser = argparse.ArgumentParser(prog="cxr export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=ROLES, required=True, help="which network's checkpoint")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: %(default)s)")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="also write an int8 model and serve it")
     parser.add_argument(
         "--checkpoint", type=Path, help="checkpoint dir (default: best of the last `cxr train --model <role>`)"
     )
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        summary = export(cfg, args.model, args.checkpoint, args.quantize)
-    except (ConfigError, ShardsNotFoundError, CheckpointError, FileNotFoundError, OnnxExportError, ExportError) as err:
-        print(f"cxr export: error: {err}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    summary = export(cfg, args.model, args.checkpoint, args.quantize)
     print("\n".join(describe(summary)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`cxr export`; also `python -m pipelines.export` (what a Ray job runs)."""
+    return run_module(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from typing import Any
 
 from ray.serve import Application
 
+from pipelines.artifacts import load_settings
 from pipelines.config import Config, DeploymentConfig, load_config
-from pipelines.ensemble_settings import load_settings
 from serve.model_source import resolve_source
 from serve.replicas import CNNModel, ViTModel, torch_threads
 from serve.router import EnsembleRouter

@@ -2,15 +2,15 @@
 
 Key: sha256 over the decoded grayscale pixels (dtype, shape, bytes), the mode, the heads the gate scores, the gate's
 ``w_cnn`` and ``threshold`` and the fingerprints of every model that could answer in that mode (adaptive and
-ensemble: both). A fingerprint (``model_fingerprint``) hashes the checkpoint file a replica actually loaded with
-its backend, so two checkpoints that share a version string still differ, and a redeploy with other weights
-misses. A miss is stored under the fingerprints the answering replicas report with their predictions, so an
-answer computed by one set of weights is never filed under another's.
+ensemble: both). A fingerprint (``models.checkpoint.model_fingerprint``) hashes the checkpoint file a replica
+actually loaded with its backend, so two checkpoints that share a version string still differ, and a redeploy with
+other weights misses. A miss is stored under the fingerprints the answering replicas report with their predictions,
+so an answer computed by one set of weights is never filed under another's.
 
 Value: what ``EnsemblePipeline.answer`` returns, minus timings (probabilities as lists, models used, CNN confidence,
-escalated), not the response body. The body is rebuilt from it on every hit with the live settings, so the
-finding thresholds (a reconfigure of ``finding_threshold(s)``), labels, versions, input facts and latency are
-always this request's; the finding thresholds therefore stay out of the key and cost no misses.
+escalated), not the response body. The body is rebuilt from it on every hit with the live settings, so the finding
+thresholds (a reconfigure of ``finding_threshold(s)``), labels, versions, input facts and latency are always this
+request's; the finding thresholds therefore stay out of the key and cost no misses.
 
 Stores: ``LruStore`` (an ``OrderedDict`` per router replica, ``max_entries``) or ``RedisStore`` (``redis.asyncio``,
 JSON values under a versioned key prefix, ``ttl_s`` expiry, shared by every router replica). A Redis that fails
@@ -27,13 +27,11 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from models.checkpoint import file_sha256
 from serve.schema import GateSettings
 
 log = logging.getLogger(__name__)
@@ -50,16 +48,6 @@ class CacheStoreError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ fingerprints, keys
-
-
-def model_fingerprint(checkpoint_file: str | Path, info: dict[str, Any]) -> str:
-    """sha256 of the served checkpoint file, the backend and the ONNX file's sha256 (when that backend sets it)."""
-    parts = {
-        "checkpoint_sha256": file_sha256(checkpoint_file),
-        "backend": info.get("backend", "torch"),
-        "onnx_sha256": info.get("onnx_sha256"),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def roles_for(mode: str) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Turning uploaded bytes into one grayscale uint8 radiograph, or a rejection with an HTTP status and a reason.
 
 Pure functions (no ray, no disk, no logging of image content). PNG and JPEG go through the same decoder as
-ingest (``pipelines.imaging.decode_gray``); DICOM goes through pydicom. Every size limit is checked from the
+ingest (``pipelines.data.imaging.decode_gray``); DICOM goes through pydicom. Every size limit is checked from the
 header before pixels are decoded, so a decompression bomb is refused without being expanded.
 
 Statuses: 400 malformed (empty, truncated, corrupt), 413 too large (bytes or pixels), 415 not a supported
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.imaging import ImageDecodeError, decode_gray, sniff_format
+from pipelines.data.imaging import ImageDecodeError, decode_gray, sniff_format
 
 DICOM_MAGIC_OFFSET = 128  # the DICOM preamble is 128 bytes, then "DICM"
 DICOM_MAGIC = b"DICM"
@@ -31,7 +31,7 @@ OTHER_SIGNATURES = {
     b"%PDF": "pdf",
 }
 
-# ImageDecodeError reasons of pipelines.imaging -> HTTP status
+# ImageDecodeError reasons of pipelines.data.imaging -> HTTP status
 _STATUS_BY_REASON = {
     "empty": 400,
     "truncated": 400,

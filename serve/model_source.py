@@ -13,14 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from models.errors import CxrError
+from pipelines.artifacts import latest_export, latest_training, tracking_uri
 from pipelines.config import Config
-from pipelines.tracking import tracking_uri
-from pipelines.train import latest_summary
 
 log = logging.getLogger(__name__)
 
 
-class ModelSourceError(FileNotFoundError):
+class ModelSourceError(CxrError, FileNotFoundError):
     """No usable weights for a role: the message says what was looked for and how to provide it."""
 
 
@@ -42,7 +42,7 @@ def resolve_source(cfg: Config, role: str, checkpoint: str | Path | None = None)
     if deployment.registered_model is not None:
         return {**source, "registered_model": deployment.registered_model, "version": deployment.registered_model}
     try:
-        summary = latest_summary(cfg, role)
+        summary = latest_training(cfg, role)
     except FileNotFoundError as err:
         raise ModelSourceError(
             f"{role}: {err}; or set serve.{role}.checkpoint / serve.{role}.registered_model"
@@ -67,8 +67,6 @@ def resolve_backend(cfg: Config, role: str) -> dict[str, Any]:
         if not path.is_file():
             raise ModelSourceError(f"{role}: serve.{role}.onnx_model {path} not found")
         return {"backend": "onnx", "onnx_model": str(path)}
-    from pipelines.export import latest_export  # only apps that serve ONNX read the export summary
-
     try:
         found = latest_export(cfg, role)
     except FileNotFoundError as err:

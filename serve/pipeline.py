@@ -16,9 +16,10 @@ import numpy as np
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
+from models.checkpoint import PreprocessSpec
 from models.ensemble import HEADS, confidence, fuse, needs_vit
 from models.explain import fuse_maps
-from serve.preprocess import Preprocessor, PreprocessSpec
+from serve.preprocess import Preprocessor
 from serve.schema import GateSettings
 
 ROLES = ("cnn", "vit")

@@ -33,11 +33,15 @@ class ModelReplica:
     def __init__(self, source: dict[str, Any], batch_max_size: int, batch_wait_timeout_s: float, threads: int):
         import torch  # in the replica only: building the app must not load torch models
 
-        from models.checkpoint import CHECKPOINT_FILE, load_checkpoint, model_from_checkpoint
-        from serve.cache import model_fingerprint
+        from models.checkpoint import (
+            CHECKPOINT_FILE,
+            PreprocessSpec,
+            load_checkpoint,
+            model_fingerprint,
+            model_from_checkpoint,
+        )
         from serve.model_source import materialize
         from serve.onnx_backend import backend_for_replica
-        from serve.preprocess import PreprocessSpec
 
         torch.set_num_threads(threads)  # one thread per replica on small machines: two collapse under load
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -30,7 +30,7 @@ def ray_session():
         dashboard_host="127.0.0.1",
         logging_level="ERROR",
         configure_logging=False,
-        runtime_env={"worker_process_setup_hook": "pipelines.ray_runtime.quiet_worker_logs"},
+        runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs"},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -100,15 +100,15 @@ def _sets(root: Path, *extra: str) -> list[str]:
 
 
 def _train(jobs, root: Path, role: str, run_name: str, *extra: str) -> str:
-    args = ["-m", "pipelines.train", "--profile", "demo", "--model", role, "--run-name", run_name]
+    args = ["-m", "pipelines.train.driver", "--profile", "demo", "--model", role, "--run-name", run_name]
     return _run(jobs, *args, *_sets(root, *extra))
 
 
 @pytest.fixture(scope="module")
 def shards(jobs, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cluster-run")
-    _run(jobs, "-m", "pipelines.synth", "--profile", "demo", *_sets(root))
-    _run(jobs, "-m", "pipelines.ingest", "--profile", "demo", *_sets(root))
+    _run(jobs, "-m", "pipelines.data.synth", "--profile", "demo", *_sets(root))
+    _run(jobs, "-m", "pipelines.data.ingest", "--profile", "demo", *_sets(root))
     assert list((root / "shards").rglob("*.parquet"))
     return root
 
@@ -156,7 +156,7 @@ def test_stages_as_jobs_then_serve_on_the_cluster(jobs, shards, cluster):
     first = _train(jobs, root, "cnn", "cnn-job")
     _train(jobs, root, "vit", "vit-job")
     assert "best epoch 1 of 1" in jobs.get_job_logs(first)  # the driver's log is readable through the job API
-    _run(jobs, "-m", "tune.cli", "ensemble", "--profile", "demo", *_sets(root, "tune.ensemble.num_samples=20"))
+    _run(jobs, "-m", "tune.ensemble_sweep", "--profile", "demo", *_sets(root, "tune.ensemble.num_samples=20"))
     for role in ("cnn", "vit"):
         summary = json.loads((root / "train" / f"latest-{role}.json").read_text())
         assert Path(summary["best_checkpoint"]).is_dir() and summary["epochs_run"] == 1
@@ -164,7 +164,7 @@ def test_stages_as_jobs_then_serve_on_the_cluster(jobs, shards, cluster):
 
     port = _free_port()
     serve_sets = _sets(root, f"serve.port={port}", "serve.proxy_location=HeadOnly")
-    _run(jobs, "-m", "pipelines.serve_cmd", "--profile", "demo", "--no-block", *serve_sets)
+    _run(jobs, "-m", "serve.cli", "--profile", "demo", "--no-block", *serve_sets)
     image = next((root / "data" / "covid").rglob("*.png")).read_bytes()
     answer = requests.post(f"http://127.0.0.1:{port}/v1/predict", data=image, params={"head": "covid"}, timeout=60)
     assert answer.status_code == 200, answer.text

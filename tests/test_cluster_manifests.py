@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import STAGES
-from tune.cli import SWEEPS
+from pipelines.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -256,7 +255,7 @@ def test_rayjob_entrypoint_runs_known_stages_in_order():
     assert argv[:2] == ["bash", "-c"] and len(argv) == 3, argv
     steps = [shlex.split(step) for step in argv[2].split("&&")]
     assert steps[0] == ["cd", docker_arg("WORKDIR")]
-    stage_modules = {module.removesuffix(".__main__") for module, _ in STAGES.values()}
+    stage_modules = {command.module.removesuffix(".__main__") for command in COMMANDS if command.submittable}
     stages = []
     for step in steps[1:]:
         assert step[:2] == ["python", "-m"], step
@@ -266,11 +265,10 @@ def test_rayjob_entrypoint_runs_known_stages_in_order():
         assert (ROOT / args[args.index("--config") + 1]).is_file()
         stages.append((module, args))
     modules = [module for module, _ in stages]
-    assert modules[0] == "pipelines.ingest" and "pipelines.evaluate" not in modules[:-1]
-    assert {args[args.index("--model") + 1] for module, args in stages if module == "pipelines.train"} == {"cnn", "vit"}
-    for module, args in stages:
-        if module == "tune.cli":
-            assert args[0] in SWEEPS and modules.index(module) > modules.index("pipelines.train")
+    assert modules[0] == "pipelines.data.ingest" and "pipelines.evaluate.evaluation" not in modules[:-1]
+    trained = {args[args.index("--model") + 1] for module, args in stages if module == "pipelines.train.driver"}
+    assert trained == {"cnn", "vit"}
+    assert modules.index("tune.ensemble_sweep") > modules.index("pipelines.train.driver")
 
 
 def test_rayservice_serves_the_app_of_serve_config_yaml():

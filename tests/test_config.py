@@ -40,7 +40,7 @@ def test_production_defaults_and_demo_profile():
 
 
 def test_an_architecture_epoch_budget_replaces_train_epochs_for_that_role_only():
-    from pipelines.train import for_role
+    from pipelines.train.driver import for_role
 
     demo = load_config(ROOT / "ray_config.yaml", "demo", ["train.epochs=3", "model.vit.epochs=7"])
     assert (for_role(demo, "cnn").train.epochs, for_role(demo, "vit").train.epochs) == (3, 7)

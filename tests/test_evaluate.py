@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from test_serve_app import tiny_checkpoint
 
-from pipelines.evaluate import main
+from pipelines.evaluate.evaluation import main
 
 pytestmark = pytest.mark.ray
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ray
 def test_evaluate_writes_the_report_with_a_gradcam_grid(ray_session, tmp_path, capsys):
     from layout_factory import write_layouts
     from pipelines.config import load_config
-    from pipelines.ingest import ingest
+    from pipelines.data.ingest import ingest
 
     write_layouts(tmp_path, patients=12, covid_per_class=5)
     sets = ["data.storage_size=32", "data.rows_per_shard=16", f"data.shards_dir={tmp_path}/s"]

@@ -116,8 +116,8 @@ def test_fuse_maps_weights_the_finer_grid_and_mass_over_counts_the_mask():
 
 def nodule_dataset(count: int, first: int, storage_size: int, image_size: int):
     """Synthetic NIH radiographs, even indices with a nodule; the nodule's mask is the pixels it changed."""
-    from pipelines.imaging import resize_square
-    from pipelines.synth.render import render_image
+    from pipelines.data.imaging import resize_square
+    from pipelines.data.synth.render import render_image
 
     xs, masks = [], []
     for index in range(first, first + count):
@@ -136,7 +136,7 @@ def nodule_dataset(count: int, first: int, storage_size: int, image_size: int):
 
 def train_demo_cnn(x: np.ndarray, labels: np.ndarray, epochs: int):
     from pipelines.config import load_config
-    from pipelines.train_steps import train_epoch, warmup_cosine
+    from pipelines.train.steps import train_epoch, warmup_cosine
 
     cfg = load_config(profile="demo")
     torch.manual_seed(0)

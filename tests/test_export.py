@@ -281,9 +281,10 @@ def test_serve_cnn_on_onnx_answers_like_pytorch(ray_session, shards_config, tmp_
     import requests
     from ray import serve
 
+    from models.checkpoint import PreprocessSpec
     from pipelines.export import export
     from serve.app import build_app
-    from serve.preprocess import Preprocessor, PreprocessSpec
+    from serve.preprocess import Preprocessor
     from serve.replicas import probabilities
 
     checkpoints = {role: tiny_checkpoint(tmp_path, role, arch) for role, arch in ARCHS.items()}

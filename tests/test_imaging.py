@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.imaging import ImageDecodeError, decode_gray, decode_png_gray, encode_png, perceptual_hash, resize_square
+from pipelines.data.imaging import (
+    ImageDecodeError,
+    decode_gray,
+    decode_png_gray,
+    encode_png,
+    perceptual_hash,
+    resize_square,
+)
 
 
 def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:

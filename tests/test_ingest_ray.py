@@ -11,8 +11,8 @@ import torch
 
 from layout_factory import write_layouts
 from pipelines.config import load_config
-from pipelines.ingest import ingest
-from pipelines.streaming import iter_training_batches, split_datasets
+from pipelines.data.ingest import ingest
+from pipelines.data.streaming import iter_training_batches, split_datasets
 
 pytestmark = pytest.mark.ray
 

@@ -6,7 +6,7 @@ import pytest
 
 from layout_factory import write_layouts
 from models.labels import COVID_CLASSES, LabelError, format_nih_labels, parse_nih_labels
-from pipelines.layouts import DatasetLayoutError, list_covid, list_nih
+from pipelines.data.layouts import DatasetLayoutError, list_covid, list_nih
 
 
 def test_label_parsing_round_trip():

@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from models.factory import build_model
-from pipelines.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
+from pipelines.evaluate.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
 
 
 def test_nih_auroc_matches_sklearn_and_skips_single_class_findings():

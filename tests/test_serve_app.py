@@ -24,10 +24,10 @@ import yaml
 from PIL import Image
 from test_serve_inputs import make_dicom
 
-from models.checkpoint import model_from_checkpoint, save_checkpoint
+from models.checkpoint import PreprocessSpec, model_from_checkpoint, save_checkpoint
 from models.factory import build_model
 from models.labels import NIH14
-from serve.preprocess import Preprocessor, PreprocessSpec
+from serve.preprocess import Preprocessor
 from serve.replicas import probabilities
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -90,7 +90,7 @@ def shards_config(ray_session, tmp_path_factory):
     """Ingested tiny layouts for `--try`; made before the app deploys, whose replicas leave Ray Data no whole CPU."""
     from layout_factory import write_layouts
     from pipelines.config import load_config
-    from pipelines.ingest import ingest
+    from pipelines.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("try")
     write_layouts(root, patients=12, covid_per_class=5)
@@ -315,7 +315,7 @@ def test_explain_needs_the_key(served):
 
 def test_try_sends_test_split_files_and_prints_one_line_each(served, shards_config, capsys):
     """`cxr serve --try N` (the demo's last step): original test-split files from ingest's folders, over HTTP."""
-    from pipelines.serve_try import pick_test_images, try_images
+    from serve.smoke import pick_test_images, try_images
 
     cfg = shards_config
     samples = pick_test_images(cfg, 4)

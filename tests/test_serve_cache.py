@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from models.checkpoint import model_fingerprint
 from serve import cache as cache_module
 from serve.cache import (
     KEY_PREFIX,
@@ -29,7 +30,6 @@ from serve.cache import (
     ResultCache,
     cache_key,
     image_digest,
-    model_fingerprint,
     roles_for,
 )
 from serve.pipeline import FINGERPRINT_MAX_AGE_S, EnsemblePipeline
@@ -299,7 +299,7 @@ def test_a_model_that_cannot_describe_itself_leaves_the_request_uncached_not_fai
 
 
 def test_bench_workload_repeats_the_asked_share_of_requests():
-    from pipelines.bench_cache import workload
+    from serve.bench.result_cache import workload
 
     order = workload(100, 0.5)
     assert len(order) == 200 and sorted(set(order)) == list(range(100))

@@ -11,11 +11,12 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from models.checkpoint import PreprocessSpec
 from pipelines.config import Config
-from pipelines.imaging import decode_png_gray, encode_png, resize_square
-from pipelines.transforms import build_transform, transform_images
+from pipelines.data.imaging import decode_png_gray, encode_png, resize_square
+from pipelines.data.transforms import TransformSpec, build_transform, transform_images
 from serve.inputs import InputLimits, InputRejected, decode_upload, detect_format
-from serve.preprocess import Preprocessor, PreprocessSpec
+from serve.preprocess import Preprocessor
 from serve.schema import GateSettings
 
 LIMITS = InputLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000, dicom_modalities=frozenset({"CR", "DX"}))
@@ -176,7 +177,8 @@ def test_served_image_matches_what_evaluation_feeds_the_model():
     storage, input_size = 96, 64
     stored_png = encode_png(resize_square(original, storage))  # what ingest writes
     cfg = Config.model_validate({"model": {"input_size": input_size}})
-    expected = transform_images([decode_png_gray(stored_png)], build_transform(cfg, train=False))[0]
+    transform = build_transform(TransformSpec.from_config(cfg), train=False)
+    expected = transform_images([decode_png_gray(stored_png)], transform)[0]
     served = Preprocessor(PreprocessSpec(storage, input_size))(decode_upload(encode(original, "PNG"), LIMITS)[0])
     assert served.shape == (1, input_size, input_size) and served.dtype == np.uint8
     np.testing.assert_array_equal(served, expected)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.splits import covid_splits, find_twins, nih_splits, place_twins
+from pipelines.data.splits import covid_splits, find_twins, nih_splits, place_twins
 
 
 def _nih_rows(patients: int = 200, per_patient: int = 3):

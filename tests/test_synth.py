@@ -21,10 +21,10 @@ from PIL import Image
 
 from models.labels import COVID_CLASSES, COVID_DATASET_FOLDER, NIH14, LabelError, parse_nih_labels
 from pipelines.config import SynthConfig, load_config
-from pipelines.synth import MANIFEST_NAME, labels_sampler, layouts, synthesize
-from pipelines.synth.__main__ import main
-from pipelines.synth.plan import make_plan, plan_nih
-from pipelines.synth.render import PAINTERS, render_image
+from pipelines.data.synth import MANIFEST_NAME, labels_sampler, layouts, synthesize
+from pipelines.data.synth.__main__ import main
+from pipelines.data.synth.plan import make_plan, plan_nih
+from pipelines.data.synth.render import PAINTERS, render_image
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_NIH_CSV = ROOT.parent / "shared" / "real_samples" / "nih" / "Data_Entry_2017_v2020.csv.gz"
@@ -277,7 +277,7 @@ def test_cli_writes_and_prints_a_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Infiltration" in out and "Viral Pneumonia" in out and "done in" in out
     assert (tmp_path / "n" / layouts.NIH_CSV_NAME).is_file() and (tmp_path / MANIFEST_NAME).is_file()
-    assert main(args) == 1  # refuses to overwrite without --overwrite
+    assert main(args) == 2  # refuses to overwrite without --overwrite
 
 
 # ------------------------------------------------------------------------------- labels and pictures

@@ -17,9 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from layout_factory import write_layouts
 from models.checkpoint import load_checkpoint
+from pipelines.artifacts import latest_training
 from pipelines.config import load_config
-from pipelines.ingest import ingest
-from pipelines.train import latest_summary, train
+from pipelines.data.ingest import ingest
+from pipelines.train.driver import train
 
 pytestmark = pytest.mark.ray
 
@@ -47,7 +48,7 @@ def test_two_worker_run_writes_checkpoint_and_mlflow_run(shards, tmp_path):
     payload = load_checkpoint(summary["best_checkpoint"])
     assert payload["role"] == "cnn" and payload["arch"] == "test_efficientnet" and payload["epoch"] == 0
     assert payload["preprocessing"]["input_size"] == 32 and len(payload["label_spaces"]["nih14"]) == 14
-    assert latest_summary(cfg, "cnn")["best_checkpoint"] == summary["best_checkpoint"]
+    assert latest_training(cfg, "cnn")["best_checkpoint"] == summary["best_checkpoint"]
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
     assert "val_nih_macro_auroc" in run.data.metrics and run.data.params["train.num_workers"] == "2"

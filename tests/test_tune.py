@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import EnsembleTuneConfig, load_config
-from pipelines.train import config_with_tune_result
+from pipelines.train.driver import config_with_tune_result
 from tune.objective import evaluate_point, reference_points
 from tune.predictions import from_table, to_table
 
@@ -136,7 +136,7 @@ def test_choose_prefers_fewer_vit_calls_among_equals():
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory, ray_session) -> Path:
     from layout_factory import write_layouts
-    from pipelines.ingest import ingest
+    from pipelines.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("tune-data")
     write_layouts(root, patients=24, covid_per_class=8)

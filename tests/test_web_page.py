@@ -110,7 +110,7 @@ def page(browser, app):
 @pytest.fixture(scope="module")
 def xray(tmp_path_factory) -> Path:
     """A synthetic NIH-style radiograph with cardiomegaly, as an 8-bit PNG."""
-    from pipelines.synth.render import render_image
+    from pipelines.data.synth.render import render_image
 
     pixels = render_image(7, "nih", 3, 0, ["Cardiomegaly"], 256)
     path = tmp_path_factory.mktemp("images") / "chest.png"

@@ -21,14 +21,12 @@ import pandas as pd
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from models.checkpoint import CheckpointError, load_checkpoint
-from pipelines import tracking
-from pipelines.cli_args import add_config_args, config_from_args
-from pipelines.config import Config, ConfigError, EnsembleTuneConfig
-from pipelines.ensemble_settings import default_path, write_settings
-from pipelines.ray_runtime import ensure_ray
-from pipelines.streaming import ShardsNotFoundError
-from pipelines.train import latest_summary
+from models.checkpoint import load_checkpoint
+from pipelines.artifacts import default_path, latest_checkpoint, latest_training, write_settings
+from pipelines.cli import run_module
+from pipelines.config import Config, EnsembleTuneConfig
+from pipelines.runtime import ensure_ray
+from pipelines.train import tracking
 from tune.objective import evaluate_point, reference_points
 from tune.plots import plot_tradeoff
 from tune.predictions import split_predictions
@@ -85,7 +83,7 @@ def choose(frame: pd.DataFrame) -> pd.Series:
 def _role_record(role: str, checkpoint: Path, cfg: Config) -> dict[str, Any]:
     record: dict[str, Any] = {"checkpoint": str(checkpoint)}
     try:
-        summary = latest_summary(cfg, role)
+        summary = latest_training(cfg, role)
     except FileNotFoundError:
         return record
     if Path(summary["best_checkpoint"]) == checkpoint:
@@ -156,22 +154,18 @@ def format_table(points: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cxr tune ensemble", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cnn", type=Path, help="CNN checkpoint directory (default: the last `cxr train` run)")
     parser.add_argument("--vit", type=Path, help="ViT checkpoint directory (default: the last `cxr train` run)")
     parser.add_argument("--out", type=Path, help="where to write ensemble.yaml (default: <train.run_dir>/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args).with_absolute_paths()
-        cnn = args.cnn or Path(latest_summary(cfg, "cnn")["best_checkpoint"])
-        vit = args.vit or Path(latest_summary(cfg, "vit")["best_checkpoint"])
-        result = tune_ensemble(cfg, cnn, vit, (args.out or default_path(cfg)).resolve(), args.seed)
-    except (ConfigError, ShardsNotFoundError, CheckpointError, FileNotFoundError) as err:
-        print(f"cxr tune ensemble: error: {err}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    cfg = cfg.with_absolute_paths()
+    cnn = args.cnn or latest_checkpoint(cfg, "cnn")
+    vit = args.vit or latest_checkpoint(cfg, "vit")
+    result = tune_ensemble(cfg, cnn, vit, (args.out or default_path(cfg)).resolve(), args.seed)
     settings = cfg.tune.ensemble
     rule = (
         f"quality with ViT fraction <= {settings.max_vit_fraction:.0%}"
@@ -183,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{split} split\n{format_table(result['figures'][split])}")
     print(f"\nwritten: {result['path']}\nplot: {result['plot']}\nMLflow run: {result['run_id']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`cxr tune ensemble`; also `python -m tune.ensemble_sweep` (what a Ray job runs)."""
+    return run_module(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 
 from models.ensemble import adaptive
 from pipelines.config import EnsembleTuneConfig
-from pipelines.metrics import headline
+from pipelines.evaluate.metrics import headline
 
 HEADS = ("nih14", "covid")
 

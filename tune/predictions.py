@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from models.checkpoint import model_from_checkpoint
 from pipelines.config import Config
-from pipelines.evaluate import predict_split
-from pipelines.streaming import load_manifest, shard_files
+from pipelines.data.shards import load_manifest, shard_files
+from pipelines.evaluate.evaluation import predict_split
 
 log = logging.getLogger(__name__)
 CACHE_KEY = b"cxr.predictions_key"

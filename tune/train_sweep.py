@@ -25,12 +25,11 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from pipelines import tracking
-from pipelines.cli_args import add_config_args, config_from_args
-from pipelines.config import Config, ConfigError, apply_override, config_from_dict
-from pipelines.ray_runtime import ensure_ray
-from pipelines.streaming import ShardsNotFoundError
-from pipelines.train import ROLES, build_trainer, for_role, resolve_use_gpu
+from pipelines.cli import run_module
+from pipelines.config import Config, apply_override, config_from_dict
+from pipelines.runtime import ensure_ray
+from pipelines.train import tracking
+from pipelines.train.driver import ROLES, build_trainer, for_role, resolve_use_gpu
 
 log = logging.getLogger(__name__)
 METRIC = "val_score"
@@ -192,23 +191,24 @@ def _log_sweep(cfg: Config, parent: str, table: pd.DataFrame, best_file: Path) -
     client.set_terminated(parent)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cxr tune train", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=ROLES, required=True, help="which network to tune")
     parser.add_argument("--name", help="sweep name under <train.run_dir>/tune (default: tune-<model>); reuse to resume")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        result = tune_training(config_from_args(args), args.model, args.name)
-    except (ConfigError, ShardsNotFoundError) as err:
-        print(f"cxr tune train: error: {err}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    result = tune_training(cfg, args.model, args.name)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(result["table"].drop(columns=["checkpoint"]).to_string(index=False))
     print(f"\nbest: trial {result['best']['best_trial']}  {METRIC} {result['best']['best_score']:.4f}")
     print(f"best config: {result['best_file']}  (cxr train --model {args.model} --from-tune {result['best_file']})")
     print(f"sweep: {result['path']}  MLflow parent run: {result['parent_run_id']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`cxr tune train`; also `python -m tune.train_sweep` (what a Ray job runs)."""
+    return run_module(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,176 @@
+"""`cxr evaluate`: the CNN, the ViT, the always-fused and the gated ensemble side by side on the test split.
+
+Writes ``report.md``, ``metrics.json`` and PNG plots (ROC curves, reliability diagrams, confusion matrices, a
+grid of Grad-CAM overlays per class) and logs them to MLflow. The test split is read in this process in shard
+order, so test-time augmentation passes line up row by row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+from models.checkpoint import load_checkpoint, model_from_checkpoint
+from models.ensemble import adaptive, fuse
+from pipelines.artifacts import latest_checkpoint, load_settings
+from pipelines.cli import run_module
+from pipelines.config import Config
+from pipelines.data.shards import local_batches, shard_files
+from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
+from pipelines.evaluate.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
+from pipelines.evaluate.report import write_report
+from pipelines.train import tracking
+from pipelines.train.steps import predict
+
+log = logging.getLogger(__name__)
+
+
+def predict_split(model, cfg: Config, files: list[str], tta: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Probabilities on every row of ``files``; with ``tta`` > 0, averaged with that many augmented passes."""
+    device = torch.device("cpu")
+    result = predict(model, local_batches(files, cfg, False, batch_size), device)
+    for _ in range(tta):
+        extra = predict(model, local_batches(files, cfg, True, batch_size), device)
+        for head in ("nih14", "covid"):
+            result[head] = result[head] + extra[head]
+    for head in ("nih14", "covid"):
+        result[head] = result[head] / (1 + tta)
+    return result
+
+
+def _scored(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each test image is scored on the head of its own dataset."""
+    return {"nih14": pred["source"] == 0, "covid": pred["source"] == 1}
+
+
+def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[str, Any]:
+    nih, covid = pred["source"] == 0, pred["source"] == 1
+    covid_probs = pred["covid"][covid]
+    correct = covid_probs.argmax(axis=1) == pred["covid_label"][covid]
+    nih_probs, nih_labels = pred["nih14"][nih], pred["nih_labels"][nih]
+    return {
+        "headline": headline(pred, classes),
+        "nih14": nih_auroc(nih_labels, nih_probs),
+        "covid": covid_metrics(pred["covid_label"][covid], covid_probs, classes),
+        "calibration": {
+            "covid": expected_calibration_error(covid_probs.max(axis=1), correct),
+            "nih14": expected_calibration_error(nih_probs.ravel(), nih_labels.ravel()),
+        },
+    }
+
+
+def evaluate(
+    cfg: Config,
+    cnn_dir: Path,
+    vit_dir: Path,
+    out: Path,
+    tta: int = 0,
+    ensemble: Path | None = None,
+    explain_per_class: int = 3,
+) -> dict[str, Any]:
+    """``ensemble``: an ensemble.yaml; by default the one `cxr tune ensemble` wrote, else the config's values.
+    ``explain_per_class``: test images per covid class and nih14 finding in the Grad-CAM grid (0: no grid)."""
+    files = shard_files(cfg.data.shards_dir, "test")
+    payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
+    classes = tuple(payloads["cnn"]["label_spaces"]["covid"])
+    models = {role: model_from_checkpoint(None, payload).eval() for role, payload in payloads.items()}
+    preds = {role: predict_split(model, cfg, files, tta) for role, model in models.items()}
+    cnn, vit = preds["cnn"], preds["vit"]
+    settings = load_settings(cfg, ensemble)
+    w, threshold = settings.w_cnn, settings.threshold
+    fused = {**cnn, **fuse(cnn, vit, w)}
+    gated_probs, used_vit = adaptive(
+        {h: cnn[h] for h in ("nih14", "covid")}, {h: vit[h] for h in ("nih14", "covid")}, w, threshold, _scored(cnn)
+    )
+    systems = {"cnn": cnn, "vit": vit, "ensemble": fused, "adaptive": {**cnn, **gated_probs}}
+    metrics = {name: full_metrics(pred, classes) for name, pred in systems.items()}
+    metrics["adaptive"]["vit_fraction"] = float(used_vit.mean())
+    summary = {
+        "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
+        "ensemble": {"w_cnn": w, "threshold": threshold, "source": settings.source},
+        "tta_passes": tta,
+        "test_images": int(len(cnn["source"])),
+        "systems": metrics,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    grid = None
+    if explain_per_class > 0:
+        examples = pick_examples(local_batches(files, cfg, False, 64), classes, explain_per_class)
+        grid = plot_explanation_grid(out, models, examples, classes)
+        summary["explanations"] = {"grid": grid, "labels": [f"{head}:{label}" for head, label in examples]}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, summary, systems, classes, grid)
+    _log_to_mlflow(cfg, out, summary)
+    return summary
+
+
+def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:
+    tracking.start_run(cfg, "evaluate", "cnn")
+    try:
+        for name, m in summary["systems"].items():
+            mlflow.log_metrics({f"test_{name}_{k}": v for k, v in m["headline"].items() if v == v})
+        mlflow.log_metric("test_adaptive_vit_fraction", summary["systems"]["adaptive"]["vit_fraction"])
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+    finally:
+        tracking.end_run()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cnn", type=Path, help="CNN checkpoint dir (default: best of the last `cxr train --model cnn`)"
+    )
+    parser.add_argument(
+        "--vit", type=Path, help="ViT checkpoint dir (default: best of the last `cxr train --model vit`)"
+    )
+    parser.add_argument("--out", type=Path, help="report folder (default: <train.run_dir>/evaluation)")
+    parser.add_argument(
+        "--ensemble", type=Path, help="ensemble.yaml (default: <train.run_dir>/ensemble.yaml if present, else config)"
+    )
+    parser.add_argument(
+        "--tta", type=int, default=0, help="extra augmented passes averaged in (test-time augmentation)"
+    )
+    parser.add_argument(
+        "--explain-per-class",
+        type=int,
+        default=3,
+        help="test images per covid class and nih14 finding in the report's Grad-CAM grid (0: none)",
+    )
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    cnn = args.cnn or latest_checkpoint(cfg, "cnn")
+    vit = args.vit or latest_checkpoint(cfg, "vit")
+    out = args.out or Path(cfg.train.run_dir) / "evaluation"
+    summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class)
+    print(f"{'system':<10}{'nih14 AUROC':>12}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
+    for name, m in summary["systems"].items():
+        h = m["headline"]
+        print(
+            f"{name:<10}{h['nih_macro_auroc']:>12.3f}{h['covid_accuracy']:>11.3f}{h['covid_macro_f1']:>10.3f}"
+            f"{m['calibration']['covid']['ece']:>11.3f}"
+        )
+    ens = summary["ensemble"]
+    print(
+        f"adaptive gate (w_cnn {ens['w_cnn']:.2f}, threshold {ens['threshold']:.2f}, from {ens['source']}) sent "
+        f"{summary['systems']['adaptive']['vit_fraction']:.1%} of test images to the ViT"
+    )
+    print(f"report: {out / 'report.md'}")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`cxr evaluate`; also `python -m pipelines.evaluate.evaluation` (what a Ray job runs)."""
+    return run_module(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the Ray Train driver (TorchTrainer), the per-worker loop, plain PyTorch steps and MLflow tracking."""
