@@ -1,4 +1,11 @@
-"""Ray Data and Ray Train side of the project: dataset layouts, synthetic data, ingest, streaming, training."""
+"""The Ray Data and Ray Train side of the project and what every stage shares.
+
+Rooms: ``data/`` (layouts, synthetic data, ingest, transforms, shards, streaming), ``train/`` (Ray Train driver,
+worker loop, steps, MLflow tracking), ``evaluate/`` (test-split report), ``bench/`` (data and training benchmarks),
+``export.py`` (``cxr export``). At the root: ``config/`` (the typed config tree), ``cli.py`` (the one command table),
+``runtime.py`` (joining or starting Ray) and ``artifacts.py`` (which checkpoint, export and ensemble.yaml is the
+latest).
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
