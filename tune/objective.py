@@ -17,14 +17,9 @@ import numpy as np
 
 from models.ensemble import adaptive
 from pipelines.config import EnsembleTuneConfig
-from pipelines.evaluate.metrics import headline
+from pipelines.evaluate.metrics import headline, scored_heads
 
 HEADS = ("nih14", "covid")
-
-
-def scored_heads(pred: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each image is scored (and gated) on the head of its own dataset: source 0 is NIH, 1 is COVID."""
-    return {"nih14": pred["source"] == 0, "covid": pred["source"] == 1}
 
 
 def quality(figures: Mapping[str, float], nih_weight: float) -> float:

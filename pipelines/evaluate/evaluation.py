@@ -25,7 +25,7 @@ from pipelines.cli import run_module
 from pipelines.config import Config
 from pipelines.data.shards import local_batches, shard_files
 from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
-from pipelines.evaluate.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc
+from pipelines.evaluate.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc, scored_heads
 from pipelines.evaluate.report import write_report
 from pipelines.train import tracking
 from pipelines.train.steps import predict
@@ -44,11 +44,6 @@ def predict_split(model, cfg: Config, files: list[str], tta: int = 0, batch_size
     for head in ("nih14", "covid"):
         result[head] = result[head] / (1 + tta)
     return result
-
-
-def _scored(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each test image is scored on the head of its own dataset."""
-    return {"nih14": pred["source"] == 0, "covid": pred["source"] == 1}
 
 
 def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[str, Any]:
@@ -88,7 +83,11 @@ def evaluate(
     w, threshold = settings.w_cnn, settings.threshold
     fused = {**cnn, **fuse(cnn, vit, w)}
     gated_probs, used_vit = adaptive(
-        {h: cnn[h] for h in ("nih14", "covid")}, {h: vit[h] for h in ("nih14", "covid")}, w, threshold, _scored(cnn)
+        {h: cnn[h] for h in ("nih14", "covid")},
+        {h: vit[h] for h in ("nih14", "covid")},
+        w,
+        threshold,
+        scored_heads(cnn),
     )
     systems = {"cnn": cnn, "vit": vit, "ensemble": fused, "adaptive": {**cnn, **gated_probs}}
     metrics = {name: full_metrics(pred, classes) for name, pred in systems.items()}

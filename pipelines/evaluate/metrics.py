@@ -15,6 +15,11 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from models.labels import NIH14
 
 
+def scored_heads(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each image is scored (and gated) on the head of its own dataset: source 0 is NIH, 1 is COVID."""
+    return {"nih14": pred["source"] == 0, "covid": pred["source"] == 1}
+
+
 def nih_auroc(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """Per-finding AUROC and their macro mean over findings that have both classes in ``labels``."""
     per_finding = {}
