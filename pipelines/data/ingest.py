@@ -4,6 +4,11 @@ Every input file ends up either as one row in ``<out>/<split>/*.parquet`` or as 
 ``<out>/rejects.csv`` with its reason. The shards are written to ``<out>.partial`` and renamed into place at
 the end, so an interrupted run never leaves a half-written output and a re-run never appends twice.
 
+Pixels stream and are never held whole: pass 1 (Ray Data) decodes every file and writes the stored PNG with its
+hash and thumbnail straight to ``<out>.partial/_decoded/``; only the small columns (labels, patient, hash,
+thumbnail, errors) come back to the driver, which splits patients and places twins; pass 2 copies each decoded
+file's rows into its split's shards (no decoding), one file at a time.
+
 Run it as ``cxr ingest`` or ``python -m pipelines.data.ingest`` (e.g. under ``ray job submit``).
 """
 
@@ -21,8 +26,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
-from ray.data.expressions import col
 
 from pipelines.cli import run_module
 from pipelines.config import Config
@@ -42,8 +48,9 @@ from pipelines.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
-# Columns that exist only while ingesting; the shards keep the rest.
 MIN_SHARD_FILES = 2  # enough files for two read tasks; bigger files mean fewer per-task overheads (RESULTS.md)
+DECODED_DIR = "_decoded"  # pass 1's output inside the staging folder, removed before the rename
+# Columns that exist only while ingesting; the shards keep the rest.
 _WORK_COLUMNS = ["path", "official_split", "error_reason", "error_detail", "thumb"]
 
 
@@ -84,11 +91,6 @@ def decode_batch(batch: pa.Table, storage_size: int) -> pa.Table:
     return batch
 
 
-def add_split(batch: pa.Table, split_by_key: dict[str, str]) -> pa.Table:
-    keys = zip(batch.column("source").to_pylist(), batch.column("relpath").to_pylist(), strict=True)
-    return batch.append_column("split", pa.array([split_by_key.get(f"{s}/{r}") for s, r in keys], pa.string()))
-
-
 def _prepare_output(out: Path, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already holds shards; pass --overwrite to replace them")
@@ -98,7 +100,8 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
     return staging
 
 
-def _decode_all(rows: list[dict[str, Any]], cfg: Config) -> ray.data.Dataset:
+def _decode_to_files(rows: list[dict[str, Any]], cfg: Config, folder: Path) -> list[Path]:
+    """Pass 1: decode every file on the cluster and write each decoded block to ``folder`` as it is done."""
     order = np.random.default_rng(cfg.data.split_seed).permutation(len(rows))  # mix sources and classes in shards
     items = [rows[i] for i in order]
     blocks = max(4, len(items) // (cfg.data.decode_batch_size * 4))
@@ -109,16 +112,88 @@ def _decode_all(rows: list[dict[str, Any]], cfg: Config) -> ray.data.Dataset:
         batch_size=cfg.data.decode_batch_size,
         batch_format="pyarrow",
     )
-    return ds.materialize()
+    ds.write_parquet(str(folder))
+    return sorted(folder.glob("*.parquet"))
+
+
+def _read_small_columns(files: list[Path]) -> list[dict[str, Any]]:
+    """Everything pass 1 wrote except the stored pixels: what the split and twin decisions need."""
+    columns = [name for name in pq.read_schema(files[0]).names if name != "image"]
+    return [row for file in files for row in pq.read_table(file, columns=columns).to_pylist()]
+
+
+class _ShardWriter:
+    """One split's parquet files, ``per_file`` rows each (the last may hold fewer)."""
+
+    def __init__(self, folder: Path, per_file: int) -> None:
+        self.folder, self.per_file = folder, per_file
+        self.folder.mkdir(parents=True)
+        self.files = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                path = self.folder / f"shard-{self.files:05d}.parquet"
+                self._writer, self._rows, self.files = pq.ParquetWriter(path, table.schema), 0, self.files + 1
+            take = min(table.num_rows, self.per_file - self._rows)
+            self._writer.write_table(table.slice(0, take))
+            table, self._rows = table.slice(take), self._rows + take
+            if self._rows == self.per_file:
+                self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _write_splits(files: list[Path], staging: Path, split_by_key: dict[str, str], cfg: Config) -> None:
+    """Pass 2: each decoded file's good rows go, with their split, to that split's shards (no decoding)."""
+    counts = {split: sum(1 for v in split_by_key.values() if v == split) for split in SPLITS}
+    # At most rows_per_shard rows a file, and at least MIN_SHARD_FILES files: streaming reads one file per task,
+    # so a small split in one file would be read and decoded by a single core.
+    writers = {
+        split: _ShardWriter(staging / split, max(1, min(cfg.data.rows_per_shard, math.ceil(n / MIN_SHARD_FILES))))
+        for split, n in counts.items()
+        if n
+    }
+    for file in files:
+        table = pq.read_table(file)
+        table = table.filter(pc.is_null(table.column("error_reason")))
+        keys = zip(table.column("source").to_pylist(), table.column("relpath").to_pylist(), strict=True)
+        splits = pa.array([split_by_key[f"{s}/{r}"] for s, r in keys], pa.string())
+        table = table.append_column("split", splits).drop_columns(_WORK_COLUMNS)
+        for split, writer in writers.items():
+            writer.write(table.filter(pc.equal(table.column("split"), split)))
+    for writer in writers.values():
+        writer.close()
 
 
 def _thumb_correlation(a: dict[str, Any], b: dict[str, Any]) -> float:
     return correlation(np.frombuffer(a["thumb"], np.uint8), np.frombuffer(b["thumb"], np.uint8))
 
 
+class _PhaseClock:
+    """Wall seconds per ingest phase, for the manifest and the scale benchmark."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def total(self) -> float:
+        return time.monotonic() - self.started
+
+
 def _assign_splits(
-    decoded: list[dict[str, Any]], nih: Listing, covid: Listing, cfg: Config
-) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    decoded: list[dict[str, Any]], nih: Listing, covid: Listing, cfg: Config, clock: _PhaseClock
+) -> tuple[dict[str, str], list[dict[str, Any]], int]:
     """Split decoded rows, then pull each COVID image that twins an NIH image into the NIH image's split."""
     ok = [r for r in decoded if r["error_reason"] is None]
     nih_rows = [r for r in ok if r["source"] == "nih"]
@@ -127,6 +202,7 @@ def _assign_splits(
     covid_split = covid_splits(
         covid_rows, cfg.data.covid_val_fraction, cfg.data.covid_test_fraction, cfg.data.split_seed
     )
+    clock.lap("split")
     candidates = find_twins(
         [r["phash"] for r in nih_rows], [r["phash"] for r in covid_rows], cfg.data.dedup_max_distance
     )
@@ -137,6 +213,7 @@ def _assign_splits(
     ]
     pairs = [(nih_rows[i]["relpath"], covid_rows[j]["relpath"]) for i, j, _ in twins]
     moved = place_twins(nih_split, covid_split, pairs)
+    clock.lap("twins")
     twin_records = [
         {
             "nih": nih_rows[i]["relpath"],
@@ -151,7 +228,7 @@ def _assign_splits(
         len(candidates), len(twins), len(moved),
     )  # fmt: skip
     split_by_key = {f"nih/{k}": v for k, v in nih_split.items()} | {f"covid/{k}": v for k, v in covid_split.items()}
-    return split_by_key, twin_records
+    return split_by_key, twin_records, len(candidates)
 
 
 def ingest(
@@ -164,12 +241,14 @@ def ingest(
     """Run the whole ingest; returns the manifest that is also written to ``<out>/manifest.json``."""
     nih_dir, covid_dir = Path(nih_dir or cfg.data.nih_dir), Path(covid_dir or cfg.data.covid_dir)
     out = Path(out or cfg.data.shards_dir)
-    started = time.monotonic()
+    clock = _PhaseClock()
     nih, covid = list_nih(nih_dir), list_covid(covid_dir)
     staging = _prepare_output(out, overwrite)
+    clock.lap("listing")
     ensure_ray(cfg)
-    ds = _decode_all(nih.rows + covid.rows, cfg)
-    decoded = ds.drop_columns(["image"]).take_all()  # everything but the pixels, for splits and bookkeeping
+    decoded_files = _decode_to_files(nih.rows + covid.rows, cfg, staging / DECODED_DIR)
+    clock.lap("decode")
+    decoded = _read_small_columns(decoded_files)
     rejects = (
         nih.rejects
         + covid.rejects
@@ -179,23 +258,15 @@ def ingest(
             if r["error_reason"] is not None
         ]
     )
-    split_by_key, twins = _assign_splits(decoded, nih, covid, cfg)
-    good = (
-        ds.filter(expr=col("error_reason").is_null())
-        .map_batches(add_split, fn_kwargs={"split_by_key": split_by_key}, batch_format="pyarrow")
-        .drop_columns(_WORK_COLUMNS)
-        .materialize()
-    )
-    for split in SPLITS:
-        part = good.filter(expr=col("split") == split)
-        if rows := part.count():
-            # At most rows_per_shard rows a file, and at least MIN_SHARD_FILES files: streaming reads one file per
-            # task, so a small split in one file would be read and decoded by a single core.
-            per_file = max(1, min(cfg.data.rows_per_shard, math.ceil(rows / MIN_SHARD_FILES)))
-            part.write_parquet(str(staging / split), min_rows_per_file=per_file, max_rows_per_file=per_file)
+    split_by_key, twins, candidates = _assign_splits(decoded, nih, covid, cfg, clock)
+    _write_splits(decoded_files, staging, split_by_key, cfg)
+    shutil.rmtree(staging / DECODED_DIR)
+    clock.lap("write")
     rows = [r | {"split": split_by_key[f"{r['source']}/{r['relpath']}"]} for r in decoded if r["error_reason"] is None]
     manifest = build_manifest(cfg, rows, rejects, twins, nih, covid, inputs={"nih": nih_dir, "covid": covid_dir})
-    manifest["seconds"] = round(time.monotonic() - started, 1)
+    manifest["seconds"] = round(clock.total(), 1)
+    manifest["phase_seconds"] = clock.phases
+    manifest["twin_candidates"] = candidates
     write_rejects(staging / "rejects.csv", rejects)
     (staging / "twins.json").write_text(json.dumps(twins, indent=1))
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
