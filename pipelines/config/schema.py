@@ -40,6 +40,29 @@ class SynthConfig(Strict):
     odd_mode_fraction: float = Field(0.02, ge=0.0, le=1.0)  # RGBA / 16-bit NIH, RGB COVID, like the real sets
     near_duplicates: int = Field(0, ge=0)  # COVID images that are re-encoded copies of NIH images
     corrupt_files: int = Field(0, ge=0)  # zero-byte, truncated and text-as-PNG files planted for tests
+    # uniform: 1..max_images_per_patient follow-ups each; nih: the real set's spread (43% one image, a long tail)
+    images_per_patient: Literal["uniform", "nih"] = "uniform"
+    nih_images: int | None = Field(None, ge=2)  # exact NIH image count: follow-ups are added or removed to hit it
+    covid_class_counts: dict[str, int] | None = None  # exact images per COVID class (else covid_images, floored)
+    # 0: render every image; N: render at most N images per label set and source and derive the others from one
+    # by a seeded shift, scale, rotation, gamma and noise (the full-size stand-in in minutes instead of hours)
+    render_pool: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _exact_counts(self) -> SynthConfig:
+        if self.nih_images is not None and not (
+            self.nih_patients <= self.nih_images <= self.nih_patients * self.max_images_per_patient
+        ):
+            raise ValueError(
+                f"nih_images must lie between nih_patients ({self.nih_patients}) and nih_patients x "
+                f"max_images_per_patient ({self.nih_patients * self.max_images_per_patient})"
+            )
+        if self.covid_class_counts is not None:
+            from models.labels import COVID_CLASSES
+
+            if set(self.covid_class_counts) != set(COVID_CLASSES) or min(self.covid_class_counts.values()) < 1:
+                raise ValueError(f"covid_class_counts needs a count >= 1 for each of {', '.join(COVID_CLASSES)}")
+        return self
 
 
 class AugmentConfig(Strict):

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from models.labels import COVID_CLASSES, NIH14, NO_FINDING
-from pipelines.config import Config
+from pipelines.config import Config, SynthConfig
 from pipelines.data.synth import layouts
-from pipelines.data.synth.plan import Plan, make_plan
+from pipelines.data.synth.plan import CovidImage, NihImage, Plan, make_plan
+from pipelines.data.synth.pool import base_key
 from pipelines.data.synth.runner import Runner, Target, write_covid_image, write_nih_image
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ def _prepare(folder: Path, overwrite: bool, ours: re.Pattern[str]) -> None:
         log.info("removing the previous contents of %s", folder)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def _render_order(images: list, synth: SynthConfig) -> list:
+    """With a render pool, images that share a base render go to the same worker chunk (the files do not change)."""
+    if not synth.render_pool:
+        return images
+
+    def key(img: NihImage | CovidImage) -> tuple:
+        source, labels = ("nih", img.findings) if isinstance(img, NihImage) else ("covid", (img.cls,))
+        return base_key(synth.seed, source, img.index, labels, synth.render_pool)
+
+    return sorted(images, key=key)
 
 
 def _write_nih_tables(plan: Plan, root: Path) -> None:
@@ -113,12 +126,17 @@ def synthesize(
     _prepare(covid_dir, overwrite, _COVID_ENTRIES)
     plan = make_plan(synth)
     log.info("planned %d NIH and %d COVID images (seed %d)", len(plan.nih), len(plan.covid), synth.seed)
+    pool = synth.render_pool
     with Runner(workers) as runner:
-        runner.run(write_nih_image, plan.nih, Target(synth.seed, nih_dir, synth.nih_image_size))
+        runner.run(
+            write_nih_image,
+            _render_order(plan.nih, synth),
+            Target(synth.seed, nih_dir, synth.nih_image_size, pool=pool),
+        )
         _write_nih_tables(plan, nih_dir)
         log.info("wrote %d NIH images under %s", len(plan.nih), nih_dir)
-        covid_target = Target(synth.seed, covid_dir, synth.covid_image_size, nih_root=nih_dir)
-        runner.run(write_covid_image, plan.covid, covid_target)
+        covid_target = Target(synth.seed, covid_dir, synth.covid_image_size, nih_root=nih_dir, pool=pool)
+        runner.run(write_covid_image, _render_order(plan.covid, synth), covid_target)
         log.info("wrote %d COVID images under %s", len(plan.covid), covid_dir)
     manifest = _manifest(cfg, plan, nih_dir, covid_dir)
     path = nih_dir.parent / MANIFEST_NAME

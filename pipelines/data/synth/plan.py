@@ -95,14 +95,44 @@ def _odd_mode(rng: np.random.Generator, fraction: float, odd: tuple[str, ...]) -
     return odd[int(u // share)] if share > 0 and u < share * len(odd) else "L"
 
 
+def _images_per_patient(rng: np.random.Generator, cfg: SynthConfig) -> int:
+    """The first draw of a patient's stream: how many images the patient has."""
+    if cfg.images_per_patient == "uniform":
+        return int(rng.integers(1, cfg.max_images_per_patient + 1))
+    # 1 + floor(lognormal): P(1 image) ~ 0.44 and a long tail, as in NIH ChestX-ray14 (mean 3.64, at most 184)
+    return int(min(1 + np.floor(rng.lognormal(0.2, 1.3)), cfg.max_images_per_patient))
+
+
+def _fit_total(counts: np.ndarray, total: int, most: int, rng: np.random.Generator) -> np.ndarray:
+    """Add or remove single follow-ups (patients drawn in proportion to their counts) until ``total`` is met."""
+    counts = counts.copy()
+    while (gap := total - int(counts.sum())) != 0:
+        room = counts < most if gap > 0 else counts > 1
+        weights = np.where(room, counts, 0).astype(float)
+        picks = rng.choice(len(counts), size=min(abs(gap), int(room.sum())), replace=False, p=weights / weights.sum())
+        counts[picks] += 1 if gap > 0 else -1
+    return counts
+
+
+def _patient_counts(cfg: SynthConfig) -> np.ndarray:
+    counts = [_images_per_patient(_rng(cfg.seed, STREAM_PATIENT, p), cfg) for p in range(1, cfg.nih_patients + 1)]
+    counts = np.array(counts, dtype=np.int64)
+    if cfg.nih_images is not None:
+        counts = _fit_total(counts, cfg.nih_images, cfg.max_images_per_patient, _rng(cfg.seed, STREAM_PLANTS, 3))
+    return counts
+
+
 def plan_nih(cfg: SynthConfig) -> list[NihImage]:
-    """Patients 1..N, 1..max images each, labels, demographics, modes, archives and the test split."""
+    """Patients 1..N with their images (``images_per_patient``, ``nih_images``), labels, demographics, modes,
+    archives and the test split."""
     images: list[NihImage] = []
     geometries = [g for g, _ in layouts.NIH_ORIGINAL_GEOMETRY]
     weights = np.array([w for _, w in layouts.NIH_ORIGINAL_GEOMETRY])
+    counts = _patient_counts(cfg)
     for patient in range(1, cfg.nih_patients + 1):
         rng = _rng(cfg.seed, STREAM_PATIENT, patient)
-        count = int(rng.integers(1, cfg.max_images_per_patient + 1))
+        _images_per_patient(rng, cfg)  # the count's draw, kept so the rest of the stream stays as it was
+        count = int(counts[patient - 1])
         series = labels_sampler.sample_patient_series(rng, count)
         age = int(np.clip(round(rng.normal(47.0, 16.5)), 1, 95))
         sex = "M" if rng.random() < 0.56 else "F"
@@ -142,7 +172,7 @@ def _repair_split(images: list[NihImage], rng: np.random.Generator) -> list[NihI
 
 
 def plan_covid(cfg: SynthConfig) -> list[CovidImage]:
-    counts = labels_sampler.covid_class_counts(cfg.covid_images)
+    counts = cfg.covid_class_counts or labels_sampler.covid_class_counts(cfg.covid_images)
     images: list[CovidImage] = []
     for cls in COVID_CLASSES:
         for number in range(1, counts[cls] + 1):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipelines.data.synth import layouts
 from pipelines.data.synth.plan import CovidImage, NihImage
+from pipelines.data.synth.pool import pooled_image
 from pipelines.data.synth.render import render_image
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,16 @@ class Target:
     root: Path
     size: int
     nih_root: Path | None = None  # COVID near-duplicates copy files from here
+    pool: int = 0  # data.synth.render_pool: 0 renders every image, N derives images from N bases per label set
 
 
 def write_nih_image(img: NihImage, target: Target) -> None:
     path = target.root / img.relpath
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = render_image(target.seed, "nih", img.patient, img.index, img.findings, target.size, img.followup)
+    if target.pool:
+        pixels = pooled_image(target.seed, "nih", img.index, img.findings, target.size, target.pool)
+    else:
+        pixels = render_image(target.seed, "nih", img.patient, img.index, img.findings, target.size, img.followup)
     data = layouts.encode_png(pixels, img.mode)
     if img.plant in layouts.DECODE_PLANTS:
         data = layouts.corrupt_bytes(img.plant, data)
@@ -48,7 +53,10 @@ def write_covid_image(img: CovidImage, target: Target) -> None:
         assert target.nih_root is not None, "near-duplicates need the NIH images written first"
         data = layouts.near_duplicate_png(target.nih_root / img.duplicate_of, target.size, img.brightness, img.mode)
     else:
-        pixels = render_image(target.seed, "covid", img.index, img.index, (img.cls,), target.size)
+        if target.pool:
+            pixels = pooled_image(target.seed, "covid", img.index, (img.cls,), target.size, target.pool)
+        else:
+            pixels = render_image(target.seed, "covid", img.index, img.index, (img.cls,), target.size)
         data = layouts.encode_png(pixels, img.mode)
     if img.plant in layouts.DECODE_PLANTS:
         data = layouts.corrupt_bytes(img.plant, data)
