@@ -49,6 +49,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("serve", "serve.cli", "run the Ray Serve app (CNN, ViT, adaptive ensemble router) until Ctrl-C"),
     Command("bench data", "pipelines.bench.data", "images/s into training: one process vs Ray Data", submittable=False),
     Command("bench train", "pipelines.bench.train", "training images/s with 1 and 2 DDP workers", submittable=False),
+    Command("bench scale", "pipelines.bench.scale", "ingest and one epoch at 2k, 20k, 133k images", submittable=False),
     Command("bench serve", "serve.bench.serving", "Serve over HTTP vs direct calls, per mode", submittable=False),
     Command("bench cache", "serve.bench.result_cache", "the result cache off vs on with repeats", submittable=False),
     Command("bench export", "serve.bench.export", "PyTorch vs ONNX Runtime fp32/int8, and Serve", submittable=False),
@@ -93,6 +94,8 @@ def configure_logging(verbose: bool = False) -> None:
     )
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:  # MLflow resets its loggers to this level when imported: later here, or in a Ray worker
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
