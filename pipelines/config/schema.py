@@ -81,7 +81,9 @@ class DataConfig(Strict):
     nih_dir: Path = Path("runs/data/nih")
     covid_dir: Path = Path("runs/data/covid")
     shards_dir: Path = Path("runs/shards")
-    storage_size: int = Field(256, ge=16, le=2048)  # images are stored square, grayscale PNG, at this size
+    storage_size: int = Field(256, ge=16, le=2048)  # images are stored square, grayscale, at this size
+    # png (zlib level 1), png_uncompressed (cheaper to decode, larger) or raw (uint8 pixels: no decoding at all)
+    storage_format: Literal["png", "png_uncompressed", "raw"] = "png"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # of NIH train_val patients
     covid_val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     covid_test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
@@ -145,6 +147,8 @@ class TrainConfig(Strict):
     checkpoints_to_keep: int = Field(2, ge=1)
     early_stopping_patience: int = Field(5, ge=1)
     max_failures: int = Field(2, ge=-1)
+    # decode and transform the validation split once, kept in the object store, instead of once per epoch
+    cache_val: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- tune

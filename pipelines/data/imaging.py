@@ -6,6 +6,7 @@ Pure functions over bytes and numpy arrays (no ray), shared by ingest, streaming
 from __future__ import annotations
 
 import io
+import math
 
 import cv2
 import imagehash
@@ -94,6 +95,29 @@ def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
+
+
+STORAGE_FORMATS = ("png", "png_uncompressed", "raw")  # data.storage_format: how shards keep an image
+
+
+def encode_stored(pixels: np.ndarray, storage_format: str = "png") -> bytes:
+    """A square uint8 image as the shards keep it: PNG (zlib level 1), PNG with stored (uncompressed) deflate
+    blocks, or the raw pixels (decoding then costs nothing; the side is the square root of the length)."""
+    if storage_format == "raw":
+        return np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    if storage_format not in STORAGE_FORMATS:
+        raise ValueError(f"unknown storage format {storage_format!r}; expected one of {STORAGE_FORMATS}")
+    return encode_png(pixels, 0 if storage_format == "png_uncompressed" else 1)
+
+
+def decode_stored(data: bytes) -> np.ndarray:
+    """A shard image in any storage format: PNG by its signature, else raw square uint8 pixels."""
+    if data.startswith(PNG_SIGNATURE):
+        return decode_png_gray(data)
+    side = math.isqrt(len(data))
+    if side == 0 or side * side != len(data):
+        raise ImageDecodeError("corrupt", f"shard image of {len(data)} bytes is neither PNG nor square raw pixels")
+    return np.frombuffer(data, dtype=np.uint8).reshape(side, side)
 
 
 def decode_png_gray(data: bytes) -> np.ndarray:

@@ -36,7 +36,7 @@ from pipelines.data.imaging import (
     ImageDecodeError,
     correlation,
     decode_gray,
-    encode_png,
+    encode_stored,
     perceptual_hash,
     resize_square,
     thumbnail,
@@ -54,8 +54,9 @@ DECODED_DIR = "_decoded"  # pass 1's output inside the staging folder, removed b
 _WORK_COLUMNS = ["path", "official_split", "error_reason", "error_detail", "thumb"]
 
 
-def decode_batch(batch: pa.Table, storage_size: int) -> pa.Table:
-    """Read, decode, grayscale, resize, PNG-encode and hash each file of a batch; failures become error columns."""
+def decode_batch(batch: pa.Table, storage_size: int, storage_format: str = "png") -> pa.Table:
+    """Read, decode, grayscale, resize, encode (``data.storage_format``) and hash each file of a batch; failures
+    become error columns."""
     images, hashes, thumbs, modes, widths, heights, reasons, details = [], [], [], [], [], [], [], []
     for path in batch.column("path").to_pylist():
         image = phash = thumb = mode = width = height = reason = detail = None
@@ -65,7 +66,11 @@ def decode_batch(batch: pa.Table, storage_size: int) -> pa.Table:
             pixels, mode = decode_gray(data)
             height, width = pixels.shape
             small = resize_square(pixels, storage_size)
-            image, phash, thumb = encode_png(small), perceptual_hash(small), thumbnail(small).tobytes()
+            image, phash, thumb = (
+                encode_stored(small, storage_format),
+                perceptual_hash(small),
+                thumbnail(small).tobytes(),
+            )
         except ImageDecodeError as err:
             reason, detail = err.reason, err.detail
         except OSError as err:
@@ -108,7 +113,7 @@ def _decode_to_files(rows: list[dict[str, Any]], cfg: Config, folder: Path) -> l
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"storage_size": cfg.data.storage_size},
+        fn_kwargs={"storage_size": cfg.data.storage_size, "storage_format": cfg.data.storage_format},
         batch_size=cfg.data.decode_batch_size,
         batch_format="pyarrow",
     )

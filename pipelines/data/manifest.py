@@ -51,7 +51,7 @@ def build_manifest(
         "project_version": pipelines.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": {name: str(path) for name, path in inputs.items()},
-        "storage": {"size": cfg.data.storage_size, "format": "png", "channels": 1},
+        "storage": {"size": cfg.data.storage_size, "format": cfg.data.storage_format, "channels": 1},
         "label_spaces": {"nih14": list(NIH14), "covid": list(covid.classes)},
         "seeds": {"split_seed": cfg.data.split_seed},
         "images": {src: {split: images.get((src, split), 0) for split in SPLITS} for src in ("nih", "covid")},

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from models.labels import NIH14
 from pipelines.config import Config
-from pipelines.data.imaging import decode_png_gray
+from pipelines.data.imaging import decode_stored
 
 SOURCE_IDS = {"nih": 0, "covid": 1}
 
@@ -89,7 +89,7 @@ def labels_from_table(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def preprocess_table(table: pa.Table, spec: TransformSpec, train: bool) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: shard rows (PNG bytes + labels) -> model-ready numpy arrays."""
+    """Ray Data ``map_batches`` function: shard rows (stored image bytes + labels) -> model-ready numpy arrays."""
     transform = _cached_transform(spec, train)
-    images = [decode_png_gray(data) for data in table.column("image").to_pylist()]
+    images = [decode_stored(data) for data in table.column("image").to_pylist()]
     return {"image": transform_images(images, transform), **labels_from_table(table)}

@@ -54,6 +54,13 @@ def for_role(cfg: Config, role: str) -> Config:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
 
 
+def validation_split(cfg: Config) -> ray.data.Dataset:
+    """The validation split, decoded once and kept in the object store with ``train.cache_val``: every epoch
+    then reads the same blocks instead of decoding and resizing the split again."""
+    ds = preprocessed_split(cfg, "val")
+    return ds.materialize() if cfg.train.cache_val else ds
+
+
 def build_trainer(
     cfg: Config,
     role: str,
@@ -93,7 +100,7 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
         ),
-        datasets={"train": preprocessed_split(cfg, "train"), "val": preprocessed_split(cfg, "val")},
+        datasets={"train": preprocessed_split(cfg, "train"), "val": validation_split(cfg)},
     )
 
 

@@ -1,0 +1,63 @@
+"""The data path's scale features on a real local Ray: raw storage ingests the same pixels as PNG, the cached
+validation split holds every row, and `cxr bench scale` runs end to end at a tiny size and writes nothing into
+benchmarks/."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.data.imaging import decode_stored
+from pipelines.data.ingest import ingest
+from pipelines.train.driver import validation_split
+from tests.helpers import ROOT, write_layouts
+
+pytestmark = pytest.mark.ray
+
+
+def _pixels_by_file(shards):
+    rows = [row for path in sorted(shards.glob("*/*.parquet")) for row in pq.read_table(path).to_pylist()]
+    return {(r["source"], r["relpath"]): decode_stored(r["image"]) for r in rows}
+
+
+def test_raw_storage_ingests_the_same_pixels_and_splits_as_png(tmp_path, ray_session):
+    write_layouts(tmp_path, patients=8, covid_per_class=3)
+    sets = ["data.storage_size=32", "data.rows_per_shard=16"]
+    found = {}
+    for storage_format in ("png", "raw"):
+        cfg = load_config(None, sets=[*sets, f"data.storage_format={storage_format}"])
+        manifest = ingest(cfg, tmp_path / "nih", tmp_path / "covid", tmp_path / storage_format)
+        assert manifest["storage"]["format"] == storage_format
+        assert set(manifest["phase_seconds"]) == {"listing", "decode", "split", "twins", "write"}
+        assert not (tmp_path / storage_format / "_decoded").exists()
+        found[storage_format] = (_pixels_by_file(tmp_path / storage_format), manifest["images"])
+    (png, png_counts), (raw, raw_counts) = found["png"], found["raw"]
+    assert png_counts == raw_counts and png.keys() == raw.keys()
+    assert all((png[key] == raw[key]).all() for key in png)
+
+
+def test_cached_validation_split_is_materialised_with_every_row(tiny_shards):
+    sets = [f"data.shards_dir={tiny_shards}", "model.input_size=32"]
+    plain = validation_split(load_config(None, sets=sets))
+    cached = validation_split(load_config(None, sets=[*sets, "train.cache_val=true"]))
+    assert type(cached).__name__ == "MaterializedDataset" and type(plain).__name__ != "MaterializedDataset"
+    assert cached.count() == plain.count() > 0
+
+
+@pytest.mark.slow
+def test_bench_scale_runs_at_a_tiny_size(tmp_path, capsys, benchmarks_untouched, ray_session):
+    sets = [
+        "data.synth.nih_patients=40", "data.synth.nih_images=100", "data.synth.nih_image_size=48",
+        "data.synth.covid_image_size=48", "data.storage_size=32", "model.input_size=32", "data.rows_per_shard=32",
+        "data.synth.covid_class_counts={COVID: 6, Lung_Opacity: 6, Normal: 6, Viral Pneumonia: 6}",
+    ]  # fmt: skip
+    args = ["bench", "scale", "--config", str(ROOT / "ray_config.yaml"), "--profile", "scale", "--sizes", "full"]
+    args += [f"--set=data.{k}_dir={tmp_path / k}" for k in ("nih", "covid", "shards")]
+    assert main([*args, *[f"--set={s}" for s in sets], "--set=train.batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    ingest_row = next(line for line in out.splitlines() if line.startswith("ingest "))
+    epoch_row = next(line for line in out.splitlines() if line.startswith("epoch "))
+    assert ingest_row.split()[1] == "124" and "twins" in ingest_row and "MiB" in ingest_row
+    assert int(epoch_row.split()[1]) > 0
