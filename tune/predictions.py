@@ -15,10 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.checkpoint import model_from_checkpoint
 from pipelines.config import Config
 from pipelines.data.shards import load_manifest, shard_files
-from pipelines.evaluate.evaluation import predict_split
+from pipelines.evaluate.inference import predict_checkpoint
 
 log = logging.getLogger(__name__)
 CACHE_KEY = b"cxr.predictions_key"
@@ -64,7 +63,7 @@ def split_predictions(cfg: Config, checkpoint_dir: str | Path, split: str) -> di
             return from_table(table)
         log.info("%s was computed on other shards; recomputing", path)
     log.info("predicting the %s split with %s", split, checkpoint_dir)
-    pred = predict_split(model_from_checkpoint(checkpoint_dir), cfg, files)
+    pred = predict_checkpoint(cfg, checkpoint_dir, files)
     table = to_table(pred).replace_schema_metadata({CACHE_KEY: key.encode()})
     partial = path.with_suffix(".parquet.partial")
     pq.write_table(table, partial)

@@ -151,6 +151,17 @@ class TrainConfig(Strict):
     cache_val: bool = False
 
 
+class EvaluateConfig(Strict):
+    """How evaluation and tune stage B compute a split's predictions."""
+
+    # local: one process reads the shards; ray: Ray Data batch inference over an actor pool of model replicas
+    # (one per GPU when the cluster has GPUs); auto: ray from ray_min_rows rows on
+    inference: Literal["auto", "local", "ray"] = "auto"
+    ray_min_rows: int = Field(20000, ge=0)
+    batch_size: int = Field(64, ge=1)
+    actors: int | None = Field(None, ge=1)  # None: one per GPU, or on CPUs one per CPU but one (left for reading)
+
+
 # ----------------------------------------------------------------------------------------------- tune
 
 
@@ -318,6 +329,7 @@ class Config(Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     serve: ServeConfig = ServeConfig()

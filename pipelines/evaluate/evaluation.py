@@ -1,8 +1,8 @@
 """`cxr evaluate`: the CNN, the ViT, the always-fused and the gated ensemble side by side on the test split.
 
 Writes ``report.md``, ``metrics.json`` and PNG plots (ROC curves, reliability diagrams, confusion matrices, a
-grid of Grad-CAM overlays per class) and logs them to MLflow. The test split is read in this process in shard
-order, so test-time augmentation passes line up row by row.
+grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from ``inference.py``: in this
+process for small splits, as Ray Data batch inference for large ones, row for row the same.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.ensemble import adaptive, fuse
@@ -25,25 +24,12 @@ from pipelines.cli import run_module
 from pipelines.config import Config
 from pipelines.data.shards import local_batches, shard_files
 from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
+from pipelines.evaluate.inference import predict_checkpoint
 from pipelines.evaluate.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc, scored_heads
 from pipelines.evaluate.report import write_report
 from pipelines.train import tracking
-from pipelines.train.steps import predict
 
 log = logging.getLogger(__name__)
-
-
-def predict_split(model, cfg: Config, files: list[str], tta: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Probabilities on every row of ``files``; with ``tta`` > 0, averaged with that many augmented passes."""
-    device = torch.device("cpu")
-    result = predict(model, local_batches(files, cfg, False, batch_size), device)
-    for _ in range(tta):
-        extra = predict(model, local_batches(files, cfg, True, batch_size), device)
-        for head in ("nih14", "covid"):
-            result[head] = result[head] + extra[head]
-    for head in ("nih14", "covid"):
-        result[head] = result[head] / (1 + tta)
-    return result
 
 
 def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[str, Any]:
@@ -77,7 +63,8 @@ def evaluate(
     payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
     classes = tuple(payloads["cnn"]["label_spaces"]["covid"])
     models = {role: model_from_checkpoint(None, payload).eval() for role, payload in payloads.items()}
-    preds = {role: predict_split(model, cfg, files, tta) for role, model in models.items()}
+    checkpoints = {"cnn": cnn_dir, "vit": vit_dir}
+    preds = {role: predict_checkpoint(cfg, checkpoints[role], files, tta, model) for role, model in models.items()}
     cnn, vit = preds["cnn"], preds["vit"]
     settings = load_settings(cfg, ensemble)
     w, threshold = settings.w_cnn, settings.threshold

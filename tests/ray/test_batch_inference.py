@@ -1,0 +1,37 @@
+"""Evaluation's two inference paths agree row for row: this process vs Ray Data batch inference (actor pool)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.checkpoint import model_from_checkpoint
+from pipelines.config import load_config
+from pipelines.data.shards import shard_files
+from pipelines.evaluate.inference import predict_checkpoint, predict_local, predict_ray, use_ray
+
+pytestmark = pytest.mark.ray
+
+
+def test_ray_batch_inference_matches_the_local_path_row_for_row(tiny_shards, tiny_checkpoints):
+    cfg = load_config(None, sets=[f"data.shards_dir={tiny_shards}", "evaluate.batch_size=8", "evaluate.actors=1"])
+    files = shard_files(tiny_shards, "test")
+    for role, checkpoint in tiny_checkpoints.items():
+        local = predict_local(model_from_checkpoint(checkpoint), cfg, files)
+        remote = predict_ray(cfg, checkpoint, files)
+        assert set(remote) == set(local) and len(local["source"]) > 8  # more than one batch
+        for key in ("source", "covid_label", "nih_labels"):
+            assert np.array_equal(remote[key], local[key]), (role, key)
+        for head in ("nih14", "covid"):
+            np.testing.assert_allclose(remote[head], local[head], atol=1e-5, err_msg=f"{role} {head}")
+
+
+def test_auto_switches_to_ray_at_the_configured_row_count(tiny_shards, tiny_checkpoints):
+    files = shard_files(tiny_shards, "test")
+    base = [f"data.shards_dir={tiny_shards}"]
+    assert not use_ray(load_config(None, sets=base), files)  # 20,000 rows by default
+    assert use_ray(load_config(None, sets=[*base, "evaluate.ray_min_rows=1"]), files)
+    assert not use_ray(load_config(None, sets=[*base, "evaluate.ray_min_rows=1", "evaluate.inference=local"]), files)
+    cfg = load_config(None, sets=[*base, "evaluate.inference=ray", "evaluate.actors=1"])
+    with_tta = predict_checkpoint(cfg, tiny_checkpoints["cnn"], files, tta=1)
+    assert with_tta["nih14"].shape == (len(with_tta["source"]), 14)
