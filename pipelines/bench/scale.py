@@ -3,12 +3,13 @@
 For each size (a fraction of the ``scale`` profile's synthetic set, with its patients, archives and class counts
 scaled alike): ``cxr synth`` (skipped when the folder is already there), ``cxr ingest`` and one streamed epoch of
 the train split at ``model.input_size`` with training augmentation (``split_datasets`` + ``iter_training_batches``,
-consumed by a loop that does no model work, or with ``--model NAME`` a forward and backward pass of that timm
-model). Each phase reports its seconds, images/s, the driver's peak RSS, the object store's peak use and the bytes
-Ray spilled (sampled every 0.2 s). Ingest also reports its phases (listing, decode, split, twin search, write), the
-twin candidates, and the linear limit: the single-process decode + resize + encode cost per image of the same
-files, measured in the same run, times the image count, divided by the cores. ``--real-images DIR`` measures that
-cost on real radiographs (the 1024 px NIH PNGs) and projects the ingest of the full download.
+consumed by a loop that does no model work; with ``--model NAME`` once more with a forward and backward pass of that
+timm model; with ``--checkpoint DIR`` at full size the test split's predictions in one process and as Ray Data batch
+inference). Each phase reports its seconds, images/s, the driver's peak RSS, the object store's peak use and the
+bytes Ray spilled (sampled every 0.2 s). Ingest also reports its phases (listing, decode, split, twin search,
+write), the twin candidates, and the linear limit: the single-process decode + resize + encode cost per image of the
+same files, measured in the same run, times the image count, divided by the cores. ``--real-images DIR`` measures
+that cost on real radiographs (the 1024 px NIH PNGs) and projects the ingest of the full download.
 """
 
 from __future__ import annotations
@@ -117,19 +118,43 @@ def run_size(cfg: Config, images: int | None, root: Path, args: argparse.Namespa
     with ResourcePeaks() as peaks:
         manifest = ingest(sized, overwrite=True)
     total = manifest["input_files"]
-    cost = single_process_cost(sample_files(Path(data.nih_dir), 200) + sample_files(Path(data.covid_dir), 40), 256)
-    limit = cost * total / cores
+    sample = sample_files(Path(data.nih_dir), 200) + sample_files(Path(data.covid_dir), 40)
+    limit = single_process_cost(sample, data.storage_size) * total / cores
     shard_bytes = sum(p.stat().st_size for p in Path(data.shards_dir).rglob("*.parquet"))
     rows = [_row("ingest", total, manifest["seconds"], peaks, manifest=manifest, limit=limit, out=shard_bytes)]
-    rows.append(stream_epoch(sized, args))
+    rows.append(stream_epoch(sized, None))
+    if args.model and total <= args.model_max_images:
+        rows.append(stream_epoch(sized, args.model))
+    if args.checkpoint and images is None:
+        rows += time_evaluation(sized, args.checkpoint)
     if args.drop_data and images is not None:
         shutil.rmtree(root / f"n{images}")
     return rows
 
 
-def stream_epoch(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
-    """One pass of the train split as a training worker reads it: decode, augment, torch batches."""
-    step = _model_step(args.model, cfg.model.input_size) if args.model else None
+def time_evaluation(cfg: Config, checkpoint: Path) -> list[dict[str, Any]]:
+    """The test split's predictions by a checkpoint: in this process, then as Ray Data batch inference."""
+    from models.checkpoint import model_from_checkpoint
+    from pipelines.data.shards import shard_files
+    from pipelines.evaluate.inference import predict_local, predict_ray
+
+    files = shard_files(cfg.data.shards_dir, "test")
+    rows = []
+    for name, predict in (
+        ("eval-local", lambda: predict_local(model_from_checkpoint(checkpoint), cfg, files)),
+        ("eval-ray", lambda: predict_ray(cfg, checkpoint, files)),
+    ):
+        with ResourcePeaks() as peaks:
+            started = time.perf_counter()
+            images = len(predict()["source"])
+            rows.append(_row(name, images, time.perf_counter() - started, peaks))
+    return rows
+
+
+def stream_epoch(cfg: Config, model: str | None) -> dict[str, Any]:
+    """One pass of the train split as a training worker reads it: decode, augment, torch batches (and, with
+    ``model``, a forward and backward pass of that timm model on each)."""
+    step = _model_step(model, cfg.model.input_size) if model else None
     with ResourcePeaks() as peaks:
         started = time.perf_counter()
         first, images = None, 0
@@ -139,7 +164,7 @@ def stream_epoch(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
             if step is not None:
                 step(batch)
         seconds = time.perf_counter() - started
-    return _row("epoch+model" if args.model else "epoch", images, seconds, peaks, first_batch=first)
+    return _row("epoch+model" if model else "epoch", images, seconds, peaks, first_batch=first)
 
 
 def _model_step(name: str, input_size: int):
@@ -201,7 +226,9 @@ def report(rows: list[dict[str, Any]], cores: int, real: dict[str, float] | None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="2000,20000,full", help="image counts, `full` for the whole set")
     parser.add_argument("--root", type=Path, default=Path("runs/scale/sizes"), help="where smaller sets are written")
-    parser.add_argument("--model", help="timm model trained during the epoch (e.g. test_efficientnet); none: no model")
+    parser.add_argument("--model", help="also an epoch that trains this timm model (e.g. test_efficientnet)")
+    parser.add_argument("--model-max-images", type=int, default=25000, help="sizes above this skip the model epoch")
+    parser.add_argument("--checkpoint", type=Path, help="at full size, time evaluation's two paths with this model")
     parser.add_argument("--real-images", type=Path, help="real radiographs whose decode cost is projected")
     parser.add_argument("--drop-data", action="store_true", help="delete each smaller set after it is measured")
 

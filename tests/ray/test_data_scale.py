@@ -47,7 +47,7 @@ def test_cached_validation_split_is_materialised_with_every_row(tiny_shards):
 
 
 @pytest.mark.slow
-def test_bench_scale_runs_at_a_tiny_size(tmp_path, capsys, benchmarks_untouched, ray_session):
+def test_bench_scale_runs_at_a_tiny_size(tmp_path, capsys, benchmarks_untouched, tiny_checkpoints):
     sets = [
         "data.synth.nih_patients=40", "data.synth.nih_images=100", "data.synth.nih_image_size=48",
         "data.synth.covid_image_size=48", "data.storage_size=32", "model.input_size=32", "data.rows_per_shard=32",
@@ -55,9 +55,9 @@ def test_bench_scale_runs_at_a_tiny_size(tmp_path, capsys, benchmarks_untouched,
     ]  # fmt: skip
     args = ["bench", "scale", "--config", str(ROOT / "ray_config.yaml"), "--profile", "scale", "--sizes", "full"]
     args += [f"--set=data.{k}_dir={tmp_path / k}" for k in ("nih", "covid", "shards")]
+    args += ["--model", "test_efficientnet", "--checkpoint", str(tiny_checkpoints["cnn"])]
     assert main([*args, *[f"--set={s}" for s in sets], "--set=train.batch_size=16"]) == 0
-    out = capsys.readouterr().out
-    ingest_row = next(line for line in out.splitlines() if line.startswith("ingest "))
-    epoch_row = next(line for line in out.splitlines() if line.startswith("epoch "))
-    assert ingest_row.split()[1] == "124" and "twins" in ingest_row and "MiB" in ingest_row
-    assert int(epoch_row.split()[1]) > 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isalpha()}
+    assert rows["ingest"][1] == "124" and "twins" in " ".join(rows["ingest"]) and "MiB" in rows["ingest"]
+    assert int(rows["epoch"][1]) == int(rows["epoch+model"][1]) > 0  # the same train split, with and without a model
+    assert int(rows["eval-local"][1]) == int(rows["eval-ray"][1]) > 0
