@@ -112,8 +112,13 @@ def sample_files(folder: Path, count: int) -> list[Path]:
 def run_size(cfg: Config, images: int | None, root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     sized = sized_config(cfg, images, root)
     data = sized.data
+    rows = []
     if not (Path(data.nih_dir) / "Data_Entry_2017_v2020.csv").is_file():
-        synthesize(sized, data.nih_dir, data.covid_dir, overwrite=True)
+        with ResourcePeaks() as peaks:
+            started = time.perf_counter()
+            made = synthesize(sized, data.nih_dir, data.covid_dir, overwrite=True)
+            count = made["nih"]["images"] + made["covid"]["images"]
+            rows.append(_row("synth", count, time.perf_counter() - started, peaks))
     cores = int(ray.cluster_resources().get("CPU", 1))
     with ResourcePeaks() as peaks:
         manifest = ingest(sized, overwrite=True)
@@ -121,7 +126,7 @@ def run_size(cfg: Config, images: int | None, root: Path, args: argparse.Namespa
     sample = sample_files(Path(data.nih_dir), 200) + sample_files(Path(data.covid_dir), 40)
     limit = single_process_cost(sample, data.storage_size) * total / cores
     shard_bytes = sum(p.stat().st_size for p in Path(data.shards_dir).rglob("*.parquet"))
-    rows = [_row("ingest", total, manifest["seconds"], peaks, manifest=manifest, limit=limit, out=shard_bytes)]
+    rows.append(_row("ingest", total, manifest["seconds"], peaks, manifest=manifest, limit=limit, out=shard_bytes))
     rows.append(stream_epoch(sized, None))
     if args.model and total <= args.model_max_images:
         rows.append(stream_epoch(sized, args.model))
