@@ -33,10 +33,17 @@ def _num_gpus(setting: str | float) -> float:
     return GPU_SHARE_AUTO if has_gpu else 0.0
 
 
+def serve_logging(access_log: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """A Serve ``logging_config`` (deployments; controller and proxies through ``serve.start``): Serve's routine INFO
+    lines (replicas added and started, endpoints updated, long-poll clients) off the console and the Serve log files,
+    its warnings and errors kept. With the access log on, INFO stays, since that is the level of the access lines."""
+    return {"enable_access_log": access_log, "log_level": "INFO" if access_log or verbose else "WARNING"}
+
+
 def deployment_options(deployment: DeploymentConfig, access_log: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``Deployment.options`` for one model deployment."""
     return {
-        "logging_config": {"enable_access_log": access_log},
+        "logging_config": serve_logging(access_log),
         "autoscaling_config": {
             "min_replicas": deployment.min_replicas,
             "initial_replicas": deployment.initial_replicas,
@@ -102,7 +109,7 @@ def build_app(
         max_queued_requests=router.max_queued_requests,
         ray_actor_options=actor_options,
         user_config=options["gate"],
-        logging_config={"enable_access_log": cfg.serve.access_log},
+        logging_config=serve_logging(cfg.serve.access_log),
     ).bind(models["cnn"], models["vit"], options)
 
 

@@ -56,11 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, serve_logging
 
+    verbose = getattr(args, "verbose", False)
+    if not verbose:  # importing ray.serve set its driver-side logger to INFO ("Started Serve", "Application is ready")
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     app = build_app(cfg, args.cnn, args.vit, args.ensemble)
     ensure_ray(cfg)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, proxy_location=cfg.serve.proxy_location)
+    serve.start(
+        http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+        proxy_location=cfg.serve.proxy_location,
+        logging_config=serve_logging(cfg.serve.access_log, verbose),  # the controller's and the proxies' logs
+    )
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     if not wait_ready(url):

@@ -3,19 +3,29 @@
 A declared ``Content-Length`` over the limit is refused before a byte is read; a body that streams past it is cut
 off there. Multipart bodies are parsed with Starlette's parser, but with its spool limit raised to the body limit,
 so an uploaded file never rolls over into a temporary file on disk (Starlette's default spills above 1 MB).
+
+A client that hangs up mid-upload is an ordinary event, not a server error: the read ends in a 400
+``client_disconnected`` (which nobody receives) and one short log line, never a traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ray.exceptions import TaskCancelledError
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from serve.inputs import InputRejected
 
+log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the image bytes
+# How reading the body ends when the client hangs up: Starlette's ClientDisconnect once the Serve proxy passes on
+# the disconnect, or Ray's TaskCancelledError when the proxy has already cancelled the request while the replica
+# was still fetching body chunks from it (which one comes first is a race).
+CLIENT_GONE = (ClientDisconnect, TaskCancelledError)
 
 
 @dataclass
@@ -37,11 +47,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         if declared_bytes > limit:
             raise InputRejected(413, "too_large", f"{declared_bytes} bytes exceeds the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputRejected(413, "too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InputRejected(413, "too_large", f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except CLIENT_GONE:
+        log.info("client disconnected after %d of %s body bytes", size, declared or "unknown")
+        raise InputRejected(400, "client_disconnected", "the client closed the connection mid-upload") from None
     return b"".join(chunks)
 
 

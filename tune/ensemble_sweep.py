@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ def search(
         ),
         run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), verbose=0),
     )
+    # verbose=0 still prints the new output's "Configuration for experiment" box; the legacy reporter stays silent
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     frame = tuner.fit().get_dataframe()
     frame = frame.rename(columns={f"config/{key}": key for key in SEARCH_SPACE})
     columns = ["w_cnn", "threshold", "objective", "quality", "vit_fraction", "feasible", "nih_macro_auroc"]

@@ -32,8 +32,10 @@ def configure_data_context() -> None:
     ctx.use_datasource_v2 = False
     # Small blocks leave the map tasks as soon as a batch or two is ready instead of piling up to 128 MiB.
     ctx.target_max_block_size = 8 * 1024 * 1024
-    # Training runs a pass per epoch and split; per-operator bars would drown the per-epoch lines.
+    # Training runs a pass per epoch and split; per-operator bars would drown the per-epoch lines, and so would
+    # the "Starting execution" / "Execution plan" pair each pass logs (the plan is in the dashboard's Data tab).
     ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def read_split(
