@@ -5,7 +5,7 @@ CXR    := $(VENV)/bin/cxr
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := --profile demo
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-deps test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,11 +28,18 @@ demo: setup
 	$(CXR) evaluate $(DEMO)
 	$(CXR) serve $(DEMO) --try 6 --no-block
 
-test: setup
+# The whole suite: tests/unit (no Ray), tests/ray (one shared local Ray), tests/e2e (Serve over HTTP, the web page
+# in chromium, the local multi-node cluster). test-deps installs chromium and redis-server where it can (root,
+# apt-get); where it cannot, it says which tests will skip.
+test: setup test-deps
 	$(PY) -m pytest -q
 
+test-deps:
+	.ci/test-deps
+
+# The unit tier only: never starts Ray, about a minute on 2 cores.
 test-fast: setup
-	$(PY) -m pytest -q -m "not ray and not slow"
+	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

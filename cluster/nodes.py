@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             "include_dashboard": True,
             "dashboard_host": LOOPBACK,
             "dashboard_port": args.dashboard_port,
+            # the agent that runs submitted jobs binds a free port (the workers' agents do too): Ray's fixed default,
+            # 52365, is taken by any other Ray on the machine, and the job server then finds no agent
+            "dashboard_agent_listen_port": 0,
             "node_name": "head",
         },
     )

@@ -9,7 +9,8 @@ Two model sets:
 Then Serve, CNN-only, ``--clients`` closed-loop clients on the real PNGs of ``--images-dir``, the full-size CNN at
 224 px with ``serve.cnn.backend`` torch vs onnx (fp32 and static int8), the result cache off so every request
 computes. Last, ``serve.bench.result_cache.cache_throughput``. ``--write``: the figures go to
-their own section of benchmarks/RESULTS.md.
+their own section of benchmarks/RESULTS.md. ``--tiny``: timm's ``test_efficientnet`` / ``test_vit`` at 64 px in
+place of (a), a quick smoke run of the whole benchmark (what the tests run; its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipelines.config import Config
 from pipelines.data.shards import first_batches
 from pipelines.export import eval_transform
 from serve.bench.result_cache import cache_throughput
-from serve.bench.serving import closed_loop, deploy, files_in, full_size_checkpoints, http_sender
+from serve.bench.serving import TINY, closed_loop, deploy, files_in, full_size_checkpoints, http_sender
 from serve.bench.serving import write_results as write_section
 
 TITLE = "## ONNX Runtime and int8 vs PyTorch (`cxr bench export`)"
@@ -282,6 +283,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cnn", type=Path, help="demo CNN checkpoint (default: latest-cnn.json of the config)")
     parser.add_argument("--vit", type=Path, help="demo ViT checkpoint (default: latest-vit.json of the config)")
     parser.add_argument("--no-serve", action="store_true", help="skip the Serve cells")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"{' / '.join(TINY.values())} at 64 px instead of the full-size models: a quick smoke run of the "
+        "whole benchmark (the tests' size; its figures mean nothing)",
+    )
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
 
 
@@ -291,13 +298,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     print("images/s on 1 thread:" + " " * 24 + "".join(f"{'batch ' + str(b):>9}" for b in BATCHES))
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        full = full_size_checkpoints(scratch / "checkpoints")
-        rows = model_rows(cfg, "full-size", full, scratch, args.seconds, args.rounds)
+        big = "tiny" if args.tiny else "full-size"
+        sizes = (TINY, 64, 64) if args.tiny else ()
+        full = full_size_checkpoints(scratch / "checkpoints", *sizes)
+        rows = model_rows(cfg, big, full, scratch, args.seconds, args.rounds)
         rows += model_rows(cfg, "demo", demo, scratch, args.seconds, args.rounds)
         cells: list[tuple[str, dict]] = []
         if not args.no_serve:
             images = files_in(args.images_dir, 256)
-            cnn = scratch / "full-size" / "cnn"
+            cnn = scratch / big / "cnn"
             onnx = {"onnx fp32": cnn / "model.onnx", "onnx int8 static": cnn / "int8-static.onnx"}
             cells = serve_cells(cfg, full, onnx, images, args.clients, args.serve_seconds)
             cache = cache_throughput(cfg, images, args.clients, 0.5)

@@ -39,6 +39,7 @@ RESULTS = Path("benchmarks/RESULTS.md")
 
 
 FULL_SIZE = {"cnn": "efficientnet_b0", "vit": "vit_small_patch16_224"}
+TINY = {"cnn": "test_efficientnet", "vit": "test_vit"}  # timm's test models, for smoke runs of a benchmark
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 
 
@@ -49,15 +50,20 @@ def files_in(folder: Path, limit: int) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-def full_size_checkpoints(folder: Path) -> dict[str, Path]:
-    """Untrained production-size networks (224 px, stored images 256 px) saved as our checkpoints."""
+def full_size_checkpoints(
+    folder: Path, archs: dict[str, str] = FULL_SIZE, input_size: int = 224, storage_size: int = 256
+) -> dict[str, Path]:
+    """Untrained production-size networks (224 px, stored images 256 px) saved as our checkpoints; ``archs`` and
+    the sizes swap in others (``cxr bench export --tiny``: timm's test models at 64 px)."""
     from models.checkpoint import save_checkpoint
     from models.factory import build_model
 
-    config = {"data": {"storage_size": 256}, "model": {"input_size": 224}}
+    config = {"data": {"storage_size": storage_size}, "model": {"input_size": input_size}}
     return {
-        role: save_checkpoint(folder / role, build_model(arch, 224), role=role, epoch=0, config=config, metrics={})
-        for role, arch in FULL_SIZE.items()
+        role: save_checkpoint(
+            folder / role, build_model(arch, input_size), role=role, epoch=0, config=config, metrics={}
+        )
+        for role, arch in archs.items()
     }
 
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-from test_serve_app import free_port, tiny_checkpoint
+
+from tests.helpers import CONFIG, ROOT, free_port, make_dicom, require_program, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 WEB_DIR = ROOT / "serve" / "web"
 CHROMIUM = Path("/usr/bin/chromium")
 API_KEY = "web-key-456"
@@ -32,28 +31,21 @@ SCREENSHOT_COPY = Path("/tmp/cxr-web.png")
 TIMEOUT_MS = 30_000
 
 
-def _browser_missing() -> str | None:
-    if not CHROMIUM.is_file():
-        return f"no chromium at {CHROMIUM} (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[dev]')"
-    return None
-
-
 @pytest.fixture(scope="module")
 def needs_browser() -> None:
     """Skip without chromium or Playwright, except under CI, which must really run this module."""
-    missing = _browser_missing()
-    if missing and os.environ.get("CI"):
-        pytest.fail(f"CI must run the browser test: {missing}")
-    if missing:
-        pytest.skip(missing)
+    require_program(str(CHROMIUM), "the web page test drives it with Playwright", "apt-get install -y chromium")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        message = "playwright is not installed (pip install -e '.[dev]')"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test: {message}")
+        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
-def app(needs_browser, ray_session, tmp_path_factory):
+def app(needs_browser, ray_session, tiny_checkpoints, tmp_path_factory):
     """The Serve app on 127.0.0.1 with an API key (resolved after the browser check, so a skip starts no Ray)."""
     from ray import serve
 
@@ -70,17 +62,13 @@ def app(needs_browser, ray_session, tmp_path_factory):
         "serve.cnn={min_replicas: 1, initial_replicas: 1, max_replicas: 1, num_cpus: 0.4, num_gpus: 0}",
         "serve.vit={min_replicas: 1, initial_replicas: 1, max_replicas: 1, num_cpus: 0.4, num_gpus: 0}",
     ]
-    cfg = load_config(ROOT / "ray_config.yaml", None, sets)
-    cnn = tiny_checkpoint(folder, "cnn", "test_efficientnet")
-    vit = tiny_checkpoint(folder, "vit", "test_vit")
+    cfg = load_config(CONFIG, None, sets)
+    cnn, vit = tiny_checkpoints["cnn"], tiny_checkpoints["vit"]
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg, cnn, vit, api_key=API_KEY), name="cxr", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while requests.get(f"{url}/v1/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "app never became ready"
-        time.sleep(0.5)
+    wait_healthy(url)
     yield url
     serve.shutdown()
 
@@ -247,11 +235,6 @@ def test_mode_and_head_choices_are_sent(page):
 
 
 def test_heatmap_overlay_of_the_selected_label(page, app, xray):
-    probe = requests.post(
-        app + "/v1/explain", params={"head": "nih14"}, data=xray.read_bytes(), headers={"X-API-Key": API_KEY}
-    )
-    if probe.status_code == 501 and not os.environ.get("CI"):
-        pytest.skip("POST /v1/explain answers 501 (not implemented yet)")
     body = upload(page, xray).json()
     top_finding = nih_sorted(body)[0]
     model = body["models_used"][0] if len(body["models_used"]) == 1 else "ensemble"
@@ -297,8 +280,6 @@ def test_screenshots_wide_and_narrow(page, xray, tmp_path):
 
 
 def test_dicom_shows_its_name_and_the_overlay_shows_the_image(page, tmp_path):
-    from test_serve_inputs import make_dicom
-
     pixels = (np.add.outer(np.arange(128), np.arange(128)) * 16).astype(np.uint16)
     path = tmp_path / "chest.dcm"
     path.write_bytes(make_dicom(pixels, modality="DX"))

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from pipelines.cli import COMMANDS
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER = CLUSTER / "cluster.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from layout_factory import write_layouts
 from models.labels import COVID_CLASSES, LabelError, format_nih_labels, parse_nih_labels
 from pipelines.data.layouts import DatasetLayoutError, list_covid, list_nih
+from tests.helpers import write_layouts
 
 
 def test_label_parsing_round_trip():

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from pipelines.config import Config, ConfigError, load_config, profile_names
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = sorted(p for p in ROOT.glob("**/*.y*ml") if ".venv" not in p.parts and "runs" not in p.parts)
 
 

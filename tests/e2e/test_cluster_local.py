@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -26,16 +25,10 @@ from mlflow.tracking import MlflowClient
 from cluster import local
 from cluster.submit import EXCLUDES
 from pipelines.config import load_config
+from tests.helpers import ROOT, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +39,8 @@ def cluster(tmp_path_factory):
         None,
         [
             f"cluster.local.state_dir={state_dir}",
-            f"cluster.local.gcs_port={_free_port()}",
-            f"cluster.dashboard_port={_free_port()}",
+            f"cluster.local.gcs_port={free_port()}",
+            f"cluster.dashboard_port={free_port()}",
         ],
     )
     state = local.up(cfg, workers=1, worker_cpus=[1.0], dashboard_port=cfg.cluster.dashboard_port)
@@ -162,7 +155,7 @@ def test_stages_as_jobs_then_serve_on_the_cluster(jobs, shards, cluster):
         assert Path(summary["best_checkpoint"]).is_dir() and summary["epochs_run"] == 1
     assert (root / "train" / "ensemble.yaml").is_file()
 
-    port = _free_port()
+    port = free_port()
     serve_sets = _sets(root, f"serve.port={port}", "serve.proxy_location=HeadOnly")
     _run(jobs, "-m", "serve.cli", "--profile", "demo", "--no-block", *serve_sets)
     image = next((root / "data" / "covid").rglob("*.png")).read_bytes()

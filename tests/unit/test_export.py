@@ -1,24 +1,18 @@
-"""ONNX export, int8 quantisation and the ONNX Runtime serving backend.
+"""ONNX export, int8 quantisation and the ONNX Runtime serving backend, without Ray.
 
-Unit tests (no Ray) on timm's tiny ``test_efficientnet`` / ``test_vit`` at 64 px: export, checker, parity with
+On timm's tiny ``test_efficientnet`` / ``test_vit`` at 64 px (seeded weights): export, checker, parity with
 PyTorch, metadata, dynamic batch, dynamic and static int8, the metadata check a replica runs, the ``cxr export``
-stage on hand-written parquet shards (read with pyarrow, as the stage reads them). One ``ray`` + ``slow`` test runs
-the stage on shards ingested by Ray Data and serves its export: ``serve.cnn.backend=onnx`` answers like PyTorch.
+stage on hand-written parquet shards (read with pyarrow, as the stage reads them). Serving an export over HTTP is
+tests/e2e/test_serve_onnx.py.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-from test_serve_app import free_port, png, shards_config, tiny_checkpoint  # noqa: F401 (shards_config: a fixture)
 
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.labels import COVID_CLASSES, NIH14
@@ -34,10 +28,11 @@ from models.onnx_export import (
     read_metadata,
 )
 from pipelines.config import load_config
+from tests.helpers import CONFIG, tiny_checkpoint, write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 ARCHS = {"cnn": "test_efficientnet", "vit": "test_vit"}
+WEIGHT_SEED = 0  # torch.manual_seed before each tiny model is built
 
 
 def batches(count: int, batch: int, seed: int = 0) -> list[np.ndarray]:
@@ -47,10 +42,14 @@ def batches(count: int, batch: int, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """role -> (checkpoint dir, payload, fp32 ONNX path) for both tiny models."""
+    """role -> (checkpoint dir, payload, fp32 ONNX path) for both tiny models, their random weights seeded: the
+    int8 agreement bounds below were measured over seeds, and this one gives the same figures on every run."""
+    import torch
+
     folder = tmp_path_factory.mktemp("export")
     found = {}
     for role, arch in ARCHS.items():
+        torch.manual_seed(WEIGHT_SEED)
         checkpoint = tiny_checkpoint(folder / "ckpt", role, arch)
         payload = load_checkpoint(checkpoint)
         path = export_onnx(model_from_checkpoint(checkpoint, payload), folder / role / "model.onnx",
@@ -95,6 +94,24 @@ def test_batch_axis_is_dynamic(exports, role, batch):
     assert parity["max_abs_logit_diff"] <= 1e-4
 
 
+# (role, mode) -> bounds on the mean and the max |p_int8 - p_fp32| over 16 images, for the seeded untrained models.
+# Measured on this project's 2-core AMD EPYC (AVX512-VNNI), onnxruntime's quantize_dynamic / quantize_static as
+# models/onnx_export.py calls them, over torch seeds 0-19 (cnn) and 0-57 (vit); figures for WEIGHT_SEED 0 in [ ]:
+#   cnn dynamic  mean 1.1e-6 .. 1.8e-6 [1.2e-6]   max 3.8e-6 .. 7.1e-6 [4.4e-6]
+#   cnn static   mean 1.7e-5 .. 3.1e-5 [2.6e-5]   max 6.3e-5 .. 3.0e-4 [8.7e-5]
+#   vit dynamic  mean 0.0017 .. 0.0162 [0.0031]   max 0.0062 .. 0.0455 [0.0111]
+#   vit static   mean 0.0026 .. 0.0057 [0.0044]   max 0.0103 .. 0.0961 [0.0418]
+# The CNN's bounds sit >= 17x above its worst seed yet 20x under the ViT's (a broken quantisation still fails); the
+# ViT keeps 0.02 / 0.15 (above every seed, ~5x / ~3.5x the seeded figure): int8 kernels differ between CPUs (u8s8
+# can saturate without VNNI), and the unseeded test once measured 0.0234 for static-vit, which no seed reached here.
+INT8_BOUNDS = {
+    ("cnn", "dynamic"): (1e-3, 1e-3),
+    ("cnn", "static"): (1e-3, 5e-3),
+    ("vit", "dynamic"): (0.02, 0.15),
+    ("vit", "static"): (0.02, 0.15),
+}
+
+
 @pytest.mark.parametrize("role", ARCHS)
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_int8_models_run_and_roughly_agree_with_fp32(exports, tmp_path, role, mode):
@@ -105,7 +122,8 @@ def test_int8_models_run_and_roughly_agree_with_fp32(exports, tmp_path, role, mo
     assert read_metadata(target)["arch"] == ARCHS[role]
     agreed = agreement(ort_session(path, 1), ort_session(target, 1), batches(2, 8, seed=3))
     assert agreed["images"] == 16
-    assert agreed["mean_abs_prob_diff"] < 0.02 and agreed["max_abs_prob_diff"] < 0.15, agreed
+    mean_bound, max_bound = INT8_BOUNDS[role, mode]
+    assert agreed["mean_abs_prob_diff"] < mean_bound and agreed["max_abs_prob_diff"] < max_bound, agreed
     if mode == "static":
         assert target.stat().st_size < path.stat().st_size  # int8 weights
 
@@ -179,32 +197,6 @@ def test_resolve_source_finds_the_latest_export_or_says_how_to_make_one(exports,
 # ------------------------------------------------------------------------------------ the cxr stage
 
 
-def _png_bytes(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (48, 48), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_shards(root: Path, rows_per_split: int = 12) -> Path:
-    """test/ and val/ parquet shards with the columns ingest writes that the stage reads; half NIH, half COVID."""
-    for index, split in enumerate(("test", "val")):
-        sources = ["nih" if i % 2 == 0 else "covid" for i in range(rows_per_split)]
-        table = pa.table(
-            {
-                "image": pa.array([_png_bytes(100 * index + i) for i in range(rows_per_split)], pa.binary()),
-                "source": sources,
-                "nih_labels": pa.array(
-                    [[i % 2, 0] * 7 if s == "nih" else None for i, s in enumerate(sources)], pa.list_(pa.int64())
-                ),
-                "covid_label": pa.array([i % 4 if s == "covid" else None for i, s in enumerate(sources)], pa.int64()),
-            }
-        )
-        (root / split).mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, root / split / "part-0.parquet")
-    return root
-
-
 def test_cxr_export_stage_writes_checks_logs_and_records(exports, tmp_path, capsys):
     from pipelines.cli import main
 
@@ -220,7 +212,7 @@ def test_cxr_export_stage_writes_checks_logs_and_records(exports, tmp_path, caps
         "export.calibration_batches=2",
     ]
     argv = ["export", "--model", "cnn", "--format", "onnx", "--quantize", "static", "--checkpoint", str(checkpoint)]
-    assert main(argv + ["--config", str(ROOT / "ray_config.yaml"), *(f"--set={s}" for s in sets)]) == 0
+    assert main(argv + ["--config", str(CONFIG), *(f"--set={s}" for s in sets)]) == 0
     printed = capsys.readouterr().out
     assert "max abs logit difference" in printed and "int8 (static)" in printed
     latest = json.loads((tmp_path / "export" / "latest-cnn.json").read_text())
@@ -254,7 +246,7 @@ def test_cxr_export_refuses_a_checkpoint_of_the_other_role(exports, tmp_path, ca
 
     checkpoint, _, _ = exports["vit"]
     sets = [f"--set=data.shards_dir={write_shards(tmp_path / 's')}", f"--set=export.out_dir={tmp_path}"]
-    config = ["--config", str(ROOT / "ray_config.yaml")]
+    config = ["--config", str(CONFIG)]
     assert main(["--model", "cnn", "--checkpoint", str(checkpoint), *config, *sets]) == 2
     assert "a vit checkpoint, not cnn" in capsys.readouterr().err
 
@@ -264,62 +256,8 @@ def test_cxr_export_fails_clearly_when_parity_is_out_of_tolerance(exports, tmp_p
 
     checkpoint, _, _ = exports["vit"]  # the tiny ViT's logits differ by ~1e-7, over this limit
     sets = [f"data.shards_dir={write_shards(tmp_path / 's')}", f"export.out_dir={tmp_path}", "export.parity_atol=1e-10"]
-    argv = ["--model", "vit", "--checkpoint", str(checkpoint), "--config", str(ROOT / "ray_config.yaml")]
+    argv = ["--model", "vit", "--checkpoint", str(checkpoint), "--config", str(CONFIG)]
     assert main(argv + [f"--set={s}" for s in sets]) == 2
     err = capsys.readouterr().err
     assert "model.onnx: max abs logit difference to PyTorch" in err and "exceeds export.parity_atol 1e-10" in err
     assert not (tmp_path / "latest-vit.json").exists()
-
-
-# -------------------------------------------------------------------------------------------- Serve
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_serve_cnn_on_onnx_answers_like_pytorch(ray_session, shards_config, tmp_path):  # noqa: F811
-    """`cxr export` on ingested shards, then the app with serve.cnn.backend=onnx (the latest export)."""
-    import requests
-    from ray import serve
-
-    from models.checkpoint import PreprocessSpec
-    from pipelines.export import export
-    from serve.app import build_app
-    from serve.preprocess import Preprocessor
-    from serve.replicas import probabilities
-
-    checkpoints = {role: tiny_checkpoint(tmp_path, role, arch) for role, arch in ARCHS.items()}
-    port = free_port()
-    sets = [
-        f"data.shards_dir={shards_config.data.shards_dir}",
-        f"export.out_dir={tmp_path / 'export'}",
-        f"train.run_dir={tmp_path / 'run'}",
-        "export.parity_batches=2",
-        f"serve.port={port}",
-        "serve.cache.enabled=false",
-        "serve.router={num_cpus: 0.2}",
-        "serve.cnn={backend: onnx, max_replicas: 1, num_cpus: 0.3, num_gpus: 0}",
-        "serve.vit={max_replicas: 1, num_cpus: 0.3, num_gpus: 0}",
-    ]
-    cfg = load_config(ROOT / "ray_config.yaml", sets=sets)
-    summary = export(cfg, "cnn", checkpoints["cnn"])
-    assert summary["parity"]["max_abs_logit_diff"] <= 1e-4
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(cfg, checkpoints["cnn"], checkpoints["vit"]), name="cxr", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while requests.get(f"{url}/v1/health", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "app never became ready"
-            time.sleep(0.5)
-        info = requests.get(f"{url}/v1/model", timeout=10).json()["models"]
-        assert info["cnn"]["backend"] == "onnx" and info["vit"]["backend"] == "torch"
-        assert (info["cnn"]["onnx_model"], info["cnn"]["onnx_sha256"]) == (summary["path"], summary["sha256"])
-        data = png(300, seed=7)
-        body = requests.post(f"{url}/v1/predict", params={"mode": "cnn"}, data=data, timeout=60).json()
-    finally:
-        serve.shutdown()
-    gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
-    model = model_from_checkpoint(checkpoints["cnn"])
-    expected = probabilities(model, Preprocessor(PreprocessSpec(64, 64))(gray)[None], "cpu")
-    np.testing.assert_allclose(list(body["nih14"]["probabilities"].values()), expected["nih14"][0], atol=1e-4)
-    np.testing.assert_allclose(list(body["covid"]["probabilities"].values()), expected["covid"][0], atol=1e-4)

@@ -25,9 +25,9 @@ from pipelines.data.synth import MANIFEST_NAME, labels_sampler, layouts, synthes
 from pipelines.data.synth.__main__ import main
 from pipelines.data.synth.plan import make_plan, plan_nih
 from pipelines.data.synth.render import PAINTERS, render_image
+from tests.helpers import REAL_SAMPLES, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL_NIH_CSV = ROOT.parent / "shared" / "real_samples" / "nih" / "Data_Entry_2017_v2020.csv.gz"
+REAL_NIH_CSV = REAL_SAMPLES / "nih" / "Data_Entry_2017_v2020.csv.gz"
 TINY = [
     "data.synth.seed=3",
     "data.synth.nih_patients=20",

@@ -8,8 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from models.checkpoint import PreprocessSpec
 from pipelines.config import Config
@@ -18,6 +16,7 @@ from pipelines.data.transforms import TransformSpec, build_transform, transform_
 from serve.inputs import InputLimits, InputRejected, decode_upload, detect_format
 from serve.preprocess import Preprocessor
 from serve.schema import GateSettings
+from tests.helpers import make_dicom
 
 LIMITS = InputLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000, dicom_modalities=frozenset({"CR", "DX"}))
 
@@ -30,28 +29,6 @@ def encode(pixels: np.ndarray, fmt: str, mode: str = "L") -> bytes:
     image = Image.fromarray(pixels).convert(mode)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def make_dicom(
-    pixels: np.ndarray, modality: str = "DX", photometric: str = "MONOCHROME2", bits: int = 16, rows=None
-) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality = modality
-    ds.PhotometricInterpretation = photometric
-    ds.SamplesPerPixel = 1
-    ds.Rows = rows if rows is not None else pixels.shape[0]
-    ds.Columns = pixels.shape[1]
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
 
 

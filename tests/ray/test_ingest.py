@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from layout_factory import write_layouts
 from pipelines.config import load_config
 from pipelines.data.ingest import ingest
 from pipelines.data.streaming import iter_training_batches, split_datasets
+from tests.helpers import write_layouts
 
 pytestmark = pytest.mark.ray
 

@@ -23,6 +23,21 @@ def test_two_heads_and_uint8_input(arch):
     assert torch.allclose(out["nih14"], as_float["nih14"], atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_vit"])
+def test_the_model_on_cuda_answers_like_on_cpu(arch):
+    """The same weights and uint8 batch on the GPU (what a replica or train worker with num_gpus runs) and the CPU."""
+    torch.manual_seed(0)
+    model = build_model(arch, 64).eval()
+    images = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        on_cpu = model(images)
+        on_gpu = model.cuda()(images.cuda())
+    for head in ("nih14", "covid"):
+        assert on_gpu[head].device.type == "cuda"
+        torch.testing.assert_close(on_gpu[head].cpu(), on_cpu[head], atol=1e-3, rtol=1e-3)
+
+
 def test_masked_loss_ignores_the_other_sources_labels():
     torch.manual_seed(0)
     logits = {"nih14": torch.randn(4, 14, requires_grad=True), "covid": torch.randn(4, 4, requires_grad=True)}

@@ -1,4 +1,4 @@
-"""`cxr evaluate` end to end on tiny ingested shards and tiny checkpoints: metrics, report, plots, Grad-CAM grid."""
+"""`cxr evaluate` end to end on the session's tiny shards and checkpoints: metrics, report, plots, Grad-CAM grid."""
 
 from __future__ import annotations
 
@@ -6,22 +6,15 @@ import json
 
 import pytest
 from PIL import Image
-from test_serve_app import tiny_checkpoint
 
 from pipelines.evaluate.evaluation import main
 
 pytestmark = pytest.mark.ray
 
 
-def test_evaluate_writes_the_report_with_a_gradcam_grid(ray_session, tmp_path, capsys):
-    from layout_factory import write_layouts
-    from pipelines.config import load_config
-    from pipelines.data.ingest import ingest
-
-    write_layouts(tmp_path, patients=12, covid_per_class=5)
-    sets = ["data.storage_size=32", "data.rows_per_shard=16", f"data.shards_dir={tmp_path}/s"]
-    ingest(load_config(None, sets=sets), tmp_path / "nih", tmp_path / "covid", tmp_path / "s")
-    cnn, vit = tiny_checkpoint(tmp_path, "cnn", "test_efficientnet"), tiny_checkpoint(tmp_path, "vit", "test_vit")
+def test_evaluate_writes_the_report_with_a_gradcam_grid(tiny_shards, tiny_checkpoints, tmp_path, capsys):
+    sets = ["data.storage_size=32", f"data.shards_dir={tiny_shards}"]
+    cnn, vit = tiny_checkpoints["cnn"], tiny_checkpoints["vit"]
     args = ["--cnn", str(cnn), "--vit", str(vit), "--out", str(tmp_path / "report"), "--explain-per-class", "2"]
     sets += ["model.input_size=64", f"train.run_dir={tmp_path / 'run'}"]
     assert main(args + [arg for item in sets for arg in ("--set", item)]) == 0

@@ -1,11 +1,11 @@
-"""Ray tests of training: a 2-worker DDP run with checkpoints and MLflow, kill-and-resume, an MLflow server."""
+"""Ray tests of training on the session's tiny shards: a 2-worker DDP run with checkpoints and MLflow (continued
+under the same run name later), kill-and-resume, an MLflow server."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,36 +15,34 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from layout_factory import write_layouts
 from models.checkpoint import load_checkpoint
 from pipelines.artifacts import latest_training
 from pipelines.config import load_config
-from pipelines.data.ingest import ingest
 from pipelines.train.driver import train
+from tests.helpers import CONFIG, free_port
 
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    write_layouts(root, patients=24, covid_per_class=8)
-    cfg = load_config(None, sets=["data.storage_size=32", "model.input_size=32", "data.rows_per_shard=16"])
-    ingest(cfg, root / "nih", root / "covid", root / "shards")
-    return root / "shards"
-
-
 def _cfg(shards: Path, run_dir: Path, *extra: str):
     return load_config(
-        Path(__file__).resolve().parents[1] / "ray_config.yaml",
+        CONFIG,
         "demo",
         [f"data.shards_dir={shards}", f"train.run_dir={run_dir}", "model.input_size=32", "train.batch_size=8", *extra],
     )
 
 
-def test_two_worker_run_writes_checkpoint_and_mlflow_run(shards, tmp_path):
-    cfg = _cfg(shards, tmp_path, "train.epochs=1")
-    summary = train(cfg, "cnn", "one-epoch")
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_shards, tmp_path_factory) -> tuple:
+    """One 2-worker CNN epoch on the session's tiny shards, run once: (config, summary, run dir). The first test
+    checks what it wrote; a later one continues it."""
+    run_dir = tmp_path_factory.mktemp("one-epoch")
+    cfg = _cfg(tiny_shards, run_dir, "train.epochs=1")
+    return cfg, train(cfg, "cnn", "one-epoch"), run_dir
+
+
+def test_two_worker_run_writes_checkpoint_and_mlflow_run(one_epoch_run):
+    cfg, summary, _ = one_epoch_run
     payload = load_checkpoint(summary["best_checkpoint"])
     assert payload["role"] == "cnn" and payload["arch"] == "test_efficientnet" and payload["epoch"] == 0
     assert payload["preprocessing"]["input_size"] == 32 and len(payload["label_spaces"]["nih14"]) == 14
@@ -82,9 +80,9 @@ def _kill_a_worker_after_checkpoints(run_dir: Path, done: threading.Event, kille
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(tiny_shards, tmp_path):
     cfg = _cfg(
-        shards,
+        tiny_shards,
         tmp_path,
         "train.epochs=8",
         "model.vit.epochs=null",
@@ -105,22 +103,16 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_same_run_name_continues(shards, tmp_path):
-    first = train(_cfg(shards, tmp_path, "train.epochs=1"), "cnn", "again")
-    second = train(_cfg(shards, tmp_path, "train.epochs=2"), "cnn", "again")
+def test_same_run_name_continues(one_epoch_run, tiny_shards):
+    _, first, run_dir = one_epoch_run
+    second = train(_cfg(tiny_shards, run_dir, "train.epochs=2"), "cnn", "one-epoch")
     assert (second["resumed_from_epoch"], second["epochs_run"]) == (1, 2)
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_training_against_a_real_mlflow_server(shards, tmp_path):
-    port = _free_port()
+def test_training_against_a_real_mlflow_server(tiny_shards, tmp_path):
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -136,7 +128,9 @@ def test_training_against_a_real_mlflow_server(shards, tmp_path):
                 break
             except Exception:  # noqa: BLE001 - the server is still starting
                 time.sleep(1)
-        summary = train(_cfg(shards, tmp_path / "runs", "train.epochs=1", f"mlflow.tracking_uri={uri}"), "cnn", "srv")
+        summary = train(
+            _cfg(tiny_shards, tmp_path / "runs", "train.epochs=1", f"mlflow.tracking_uri={uri}"), "cnn", "srv"
+        )
         client = MlflowClient(uri)
         run = client.get_run(summary["mlflow_run_id"])
         assert "val_score" in run.data.metrics
