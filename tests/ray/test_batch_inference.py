@@ -29,7 +29,7 @@ def test_ray_batch_inference_matches_the_local_path_row_for_row(tiny_shards, tin
 def test_auto_switches_to_ray_at_the_configured_row_count(tiny_shards, tiny_checkpoints):
     files = shard_files(tiny_shards, "test")
     base = [f"data.shards_dir={tiny_shards}"]
-    assert not use_ray(load_config(None, sets=base), files)  # 20,000 rows by default
+    assert not use_ray(load_config(None, sets=base), files)  # 100,000 rows by default
     assert use_ray(load_config(None, sets=[*base, "evaluate.ray_min_rows=1"]), files)
     assert not use_ray(load_config(None, sets=[*base, "evaluate.ray_min_rows=1", "evaluate.inference=local"]), files)
     cfg = load_config(None, sets=[*base, "evaluate.inference=ray", "evaluate.actors=1"])
