@@ -29,7 +29,7 @@ import ray
 
 from pipelines.cli import run_module
 from pipelines.config import Config, config_from_dict
-from pipelines.data.imaging import decode_gray, encode_png, perceptual_hash, resize_square, thumbnail
+from pipelines.data.imaging import decode_gray, encode_stored, perceptual_hash, resize_square, thumbnail
 from pipelines.data.ingest import ingest
 from pipelines.data.streaming import iter_training_batches, split_datasets
 from pipelines.data.synth import synthesize
@@ -94,12 +94,12 @@ def sized_config(cfg: Config, images: int | None, root: Path) -> Config:
     return config_from_dict(tree, f"scale at {images or 'full size'}")
 
 
-def single_process_cost(files: list[Path], storage_size: int) -> float:
+def single_process_cost(files: list[Path], storage_size: int, storage_format: str = "png") -> float:
     """Seconds per image for what an ingest task does to one file: read, decode, resize, encode, hash."""
     started = time.perf_counter()
     for path in files:
         small = resize_square(decode_gray(path.read_bytes())[0], storage_size)
-        encode_png(small), perceptual_hash(small), thumbnail(small)
+        encode_stored(small, storage_format), perceptual_hash(small), thumbnail(small)
     return (time.perf_counter() - started) / max(1, len(files))
 
 
@@ -124,7 +124,7 @@ def run_size(cfg: Config, images: int | None, root: Path, args: argparse.Namespa
         manifest = ingest(sized, overwrite=True)
     total = manifest["input_files"]
     sample = sample_files(Path(data.nih_dir), 200) + sample_files(Path(data.covid_dir), 40)
-    limit = single_process_cost(sample, data.storage_size) * total / cores
+    limit = single_process_cost(sample, data.storage_size, data.storage_format) * total / cores
     shard_bytes = sum(p.stat().st_size for p in Path(data.shards_dir).rglob("*.parquet"))
     rows.append(_row("ingest", total, manifest["seconds"], peaks, manifest=manifest, limit=limit, out=shard_bytes))
     rows.append(stream_epoch(sized, None))

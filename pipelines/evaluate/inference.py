@@ -10,6 +10,7 @@ many augmented passes in.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from models.checkpoint import load_checkpoint, model_from_checkpoint
+from models.checkpoint import META_FILE, model_from_checkpoint
 from pipelines.config import Config
 from pipelines.data.shards import SHARD_COLUMNS, local_batches
 from pipelines.data.transforms import TransformSpec, preprocess_table
@@ -70,9 +71,8 @@ def predict_ray(cfg: Config, checkpoint_dir: str | Path, files: list[str], tta: 
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # rows come back in file order, as the local path reads them
-    payload = load_checkpoint(checkpoint_dir)
-    spec = TransformSpec(int(payload["preprocessing"]["input_size"]), **cfg.data.augment.model_dump())
-    del payload
+    meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())  # the input size, without loading weights
+    spec = TransformSpec(int(meta["preprocessing"]["input_size"]), **cfg.data.augment.model_dump())
     try:
         passes = [_ray_pass(cfg, str(checkpoint_dir), files, spec, train) for train in (False, *[True] * tta)]
     finally:
