@@ -158,37 +158,37 @@ def time_evaluation(cfg: Config, checkpoint: Path) -> list[dict[str, Any]]:
 
 def stream_epoch(cfg: Config, model: str | None) -> dict[str, Any]:
     """One pass of the train split as a training worker reads it: decode, augment, torch batches (and, with
-    ``model``, a forward and backward pass of that timm model on each)."""
-    step = _model_step(model, cfg.model.input_size) if model else None
+    ``model``, the training step ``cxr train`` runs, ``train_epoch``, with that timm model on each batch)."""
+    seen = {"images": 0, "first": None}
+
+    def counted(batches):
+        for batch in batches:
+            seen["first"] = seen["first"] if seen["first"] is not None else time.perf_counter() - started
+            seen["images"] += int(batch["image"].shape[0])
+            yield batch
+
     with ResourcePeaks() as peaks:
         started = time.perf_counter()
-        first, images = None, 0
-        for batch in iter_training_batches(split_datasets(cfg)["train"], cfg.train.batch_size):
-            first = first if first is not None else time.perf_counter() - started
-            images += int(batch["image"].shape[0])
-            if step is not None:
-                step(batch)
+        batches = counted(iter_training_batches(split_datasets(cfg)["train"], cfg.train.batch_size))
+        if model:
+            _train_one_epoch(model, cfg.model.input_size, batches)
+        else:
+            for _ in batches:
+                pass
         seconds = time.perf_counter() - started
-    return _row("epoch+model" if model else "epoch", images, seconds, peaks, first_batch=first)
+    return _row("epoch+model" if model else "epoch", seen["images"], seconds, peaks, first_batch=seen["first"])
 
 
-def _model_step(name: str, input_size: int):
+def _train_one_epoch(name: str, input_size: int, batches) -> None:
     import torch
 
     from models.factory import build_model
-    from models.losses import multitask_loss
+    from pipelines.train.steps import train_epoch, warmup_cosine
 
     model = build_model(name, input_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        logits = model(batch["image"])
-        loss, _ = multitask_loss(logits, batch["source"], batch["nih_labels"], batch["covid_label"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return step
+    scheduler = warmup_cosine(optimizer, 0, 1000)
+    train_epoch(model, batches, optimizer, scheduler, torch.device("cpu"))
 
 
 def _row(phase: str, images: int, seconds: float, peaks: ResourcePeaks, **extra: Any) -> dict[str, Any]:
