@@ -91,7 +91,7 @@ class DataConfig(Strict):
     dedup_max_distance: int = Field(4, ge=0, le=15)  # perceptual-hash Hamming distance of twin candidates
     dedup_min_correlation: float = Field(0.995, ge=0.0, le=1.0)  # 32x32 thumbnail correlation that confirms one
     rows_per_shard: int = Field(2048, ge=1)
-    decode_batch_size: int = Field(32, ge=1)
+    decode_files_per_task: int = Field(512, ge=1)  # ingest pass 1: files one Ray task decodes into one parquet file
     synth: SynthConfig = SynthConfig()
     augment: AugmentConfig = AugmentConfig()
 

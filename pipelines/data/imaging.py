@@ -133,14 +133,6 @@ def thumbnail(pixels: np.ndarray, size: int = 32) -> np.ndarray:
     return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two images' pixels: 1.0 for copies up to brightness and contrast."""
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
-
-
 def perceptual_hash(pixels: np.ndarray) -> int:
     """64-bit DCT perceptual hash as a signed int64 (so it fits a parquet int64 column)."""
     bits = imagehash.phash(Image.fromarray(pixels, mode="L")).hash.flatten()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.data.splits import covid_splits, find_twins, nih_splits, place_twins
+from pipelines.data.splits import confirm_twins, covid_splits, find_twins, nih_splits, place_twins
 
 
 def _nih_rows(patients: int = 200, per_patient: int = 3):
@@ -57,6 +57,55 @@ def test_find_twins_matches_brute_force():
     ]
     assert sorted(found) == sorted(brute)
     assert {(i, j) for i, j, _ in found} >= {(3, 0), (10, 1), (99, 2)}
+
+
+def test_find_twins_is_exact_when_many_hashes_collide():
+    # Few base hashes, each copied with 0-6 random bit flips: most pairs share a band (the scale set's case),
+    # and a chunk smaller than the covid list exercises the chunked search.
+    rng = np.random.default_rng(1)
+    bases = rng.integers(-(2**63), 2**63 - 1, size=6, dtype=np.int64)
+
+    def near(count):
+        values = []
+        for base in rng.choice(bases, size=count):
+            bits = rng.choice(64, size=rng.integers(0, 7), replace=False)
+            values.append(
+                int(base ^ np.bitwise_or.reduce(np.left_shift(np.int64(1), bits.astype(np.int64)), initial=np.int64(0)))
+            )
+        return values
+
+    nih, covid = near(300), near(70)
+    found = find_twins(nih, covid, max_distance=4, budget=64)
+    brute = [
+        (i, j, d)
+        for j, c in enumerate(covid)
+        for i, n in enumerate(nih)
+        if (d := bin((n ^ c) & (2**64 - 1)).count("1")) <= 4
+    ]
+    assert found == brute  # same pairs, ordered by covid index then nih index
+    assert len(brute) > 500
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def test_confirm_twins_keeps_pairs_that_correlate_like_the_pairwise_check():
+    rng = np.random.default_rng(2)
+    nih = rng.integers(0, 256, size=(40, 32, 32), dtype=np.uint8)
+    covid = rng.integers(0, 256, size=(30, 32, 32), dtype=np.uint8)
+    covid[0] = np.clip(nih[5].astype(int) // 2 + 40, 0, 255)  # the same picture, darker and flatter
+    covid[1] = nih[6]
+    covid[1, :4] = 0  # a copy with a band blacked out: correlated, but under 0.995
+    covid[2] = 128  # flat: correlates 0 with anything
+    candidates = [(i, j, 0) for i in range(40) for j in range(30)]
+    kept = confirm_twins(candidates, nih, covid, min_correlation=0.995, chunk=64)
+    expected = [(i, j, d) for i, j, d in candidates if _pearson(nih[i], covid[j]) >= 0.995]
+    assert kept == expected == [(5, 0, 0)]
+    assert confirm_twins([], nih, covid, 0.995) == []
 
 
 def test_place_twins_moves_covid_into_nih_split():
