@@ -39,8 +39,8 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("synth", "pipelines.data.synth.__main__", "synthetic radiographs in the NIH and COVID-19 dataset layouts"),
-    Command("ingest", "pipelines.data.ingest", "raw dataset folders -> parquet shards per split (Ray Data)"),
+    Command("synth", "pipelines.data.synth.__main__", "synthetic radiographs in the three datasets' layouts"),
+    Command("ingest", "pipelines.data.ingest", "raw dataset folders -> parquet shards per split (Ray tasks)"),
     Command("train", "pipelines.train.driver", "train the CNN or the ViT with DDP on Ray Train, tracked in MLflow"),
     Command("evaluate", "pipelines.evaluate.evaluation", "CNN, ViT, fused and gated ensemble on the test split"),
     Command("tune train", "tune.train_sweep", "Ray Tune stage A: learning rate, weight decay, dropout"),

@@ -89,6 +89,14 @@ def sized_config(cfg: Config, images: int | None, root: Path) -> Config:
         synth["nih_patients"] = max(2, round(synth["nih_patients"] * share))
         synth["nih_images"] = max(synth["nih_patients"], round(synth["nih_images"] * share))
         synth["covid_class_counts"] = {k: max(1, round(v * share)) for k, v in synth["covid_class_counts"].items()}
+        if synth["pneumonia_class_counts"]:  # train and test keep every class, val may lose its few
+            synth["pneumonia_class_counts"] = {
+                split: {cls: max(split != "val", round(n * share)) for cls, n in counts.items()}
+                for split, counts in synth["pneumonia_class_counts"].items()
+            }
+        elif synth["pneumonia_images"]:
+            synth["pneumonia_images"] = max(8, round(synth["pneumonia_images"] * share))
+        tree["data"]["pneumonia_dir"] = str(root / f"n{images}" / "pneumonia")
         for key, sub in (("nih_dir", "nih"), ("covid_dir", "covid"), ("shards_dir", "shards")):
             tree["data"][key] = str(root / f"n{images}" / sub)
     return config_from_dict(tree, f"scale at {images or 'full size'}")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.errors import CxrError
 
@@ -26,8 +26,32 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------------------------- data
 
 
+class PneumoniaSplitCounts(Strict):
+    """Images per class in one official split of the synthetic Kermany pneumonia set."""
+
+    normal: int = Field(ge=0)
+    bacterial: int = Field(ge=0)
+    viral: int = Field(ge=0)
+
+
+class PneumoniaClassCounts(Strict):
+    """Images per official split and class (the real set: train 1341/2530/1345, val 8/8/0, test 234/242/148)."""
+
+    train: PneumoniaSplitCounts
+    val: PneumoniaSplitCounts
+    test: PneumoniaSplitCounts
+
+    @model_validator(mode="after")
+    def _every_class_in_train_and_test(self) -> PneumoniaClassCounts:
+        for split in ("train", "test"):
+            for cls, count in getattr(self, split).model_dump().items():
+                if count < 1:
+                    raise ValueError(f"{split}.{cls} must be >= 1: train and test need every class")
+        return self
+
+
 class SynthConfig(Strict):
-    """Synthetic radiographs written in the real NIH and COVID-19 Radiography Database layouts."""
+    """Synthetic radiographs written in the real NIH, COVID-19 Radiography Database and Kermany pneumonia layouts."""
 
     seed: int = 0
     nih_patients: int = Field(400, ge=2)
@@ -47,6 +71,28 @@ class SynthConfig(Strict):
     # 0: render every image; N: render at most N images per label set and source and derive the others from one
     # by a seeded shift, scale, rotation, gamma and noise (the full-size stand-in in minutes instead of hours)
     render_pool: int = Field(0, ge=0)
+    # Kermany's pediatric pneumonia set (chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg): pneumonia_images
+    # spread over the official splits and classes in the real proportions, or exactly pneumonia_class_counts.
+    # 0 (the built-in default, so small test configs stay NIH + COVID): no pneumonia set; ray_config.yaml sets it.
+    pneumonia_images: int = Field(0, ge=0)
+    pneumonia_class_counts: PneumoniaClassCounts | None = None
+    pneumonia_image_size: tuple[int, int] = (1000, 2000)  # [min, max] of an image's longer side in px (never square)
+    pneumonia_rgb_fraction: float = Field(0.05, ge=0.0, le=1.0)  # RGB JPEGs among the grayscale ones
+
+    @field_validator("pneumonia_images")
+    @classmethod
+    def _pneumonia_images(cls, value: int) -> int:
+        if 0 < value < 8:
+            raise ValueError("must be 0 (no pneumonia set) or >= 8 (one image per split and class of the real set)")
+        return value
+
+    @field_validator("pneumonia_image_size")
+    @classmethod
+    def _pneumonia_image_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not 32 <= low <= high <= 4096:
+            raise ValueError("needs 32 <= min <= max <= 4096")
+        return value
 
     @model_validator(mode="after")
     def _exact_counts(self) -> SynthConfig:
@@ -80,6 +126,9 @@ class DataConfig(Strict):
 
     nih_dir: Path = Path("runs/data/nih")
     covid_dir: Path = Path("runs/data/covid")
+    # Kermany pneumonia root, holds chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg; null: "pneumonia" beside
+    # nih_dir (runs/data/pneumonia by default), so a run that moves nih_dir moves it too (see pneumonia_root)
+    pneumonia_dir: Path | None = None
     shards_dir: Path = Path("runs/shards")
     storage_size: int = Field(256, ge=16, le=2048)  # images are stored square, grayscale, at this size
     # png (zlib level 1), png_uncompressed (cheaper to decode, larger) or raw (uint8 pixels: no decoding at all)
@@ -94,6 +143,11 @@ class DataConfig(Strict):
     decode_files_per_task: int = Field(512, ge=1)  # ingest pass 1: files one Ray task decodes into one parquet file
     synth: SynthConfig = SynthConfig()
     augment: AugmentConfig = AugmentConfig()
+
+    @property
+    def pneumonia_root(self) -> Path:
+        """The pneumonia set's folder: ``pneumonia_dir``, or ``pneumonia`` beside ``nih_dir`` when that is null."""
+        return self.pneumonia_dir if self.pneumonia_dir is not None else self.nih_dir.parent / "pneumonia"
 
     @model_validator(mode="after")
     def _covid_fractions(self) -> DataConfig:
@@ -362,3 +416,5 @@ def project_root() -> Path:
     A job submitted with ``--working-dir`` runs in Ray's unpacked copy of the code; ``cxr <stage> --address`` to a
     cluster on this machine sets the variable to the submitting checkout, so the job reads and writes its runs/."""
     return Path(os.environ.get(PROJECT_ROOT_ENV) or ".")
+        if tree["data"]["pneumonia_dir"]:  # null stays null: it follows the (now absolute) nih_dir
+            tree["data"]["pneumonia_dir"] = str((root / tree["data"]["pneumonia_dir"]).resolve())

@@ -1,6 +1,7 @@
-"""``cxr synth`` / ``python -m pipelines.data.synth``: write the synthetic NIH and COVID datasets.
+"""``cxr synth`` / ``python -m pipelines.data.synth``: write the synthetic NIH, COVID and pneumonia datasets.
 
-python -m pipelines.data.synth --profile demo [--nih DIR] [--covid DIR] [--overwrite] [--set data.synth.seed=1]
+python -m pipelines.data.synth --profile demo [--nih DIR] [--covid DIR] [--pneumonia DIR] [--overwrite]
+    [--set data.synth.seed=1]
 """
 
 from __future__ import annotations
@@ -15,7 +16,20 @@ from pipelines.cli import run_module
 from pipelines.config import Config
 
 
-def format_summary(manifest: dict[str, Any], nih_dir: Path, covid_dir: Path, seconds: float) -> str:
+def _pneumonia_lines(pneumonia: dict[str, Any] | None, folder: Path | None) -> list[str]:
+    if not pneumonia:
+        return []
+    low, high = pneumonia["image_size"]
+    lines = [f"PNEUMONIA {pneumonia['images']} images of {pneumonia['patients']} patients, {low}-{high} px -> {folder}"]
+    for split, classes in pneumonia["splits"].items():
+        lines.append(f"  {split:<6} " + "  ".join(f"{cls} {count:>5}" for cls, count in classes.items()))
+    lines.append("  modes: " + ", ".join(f"{k} {v}" for k, v in pneumonia["modes"].items()))
+    return lines
+
+
+def format_summary(
+    manifest: dict[str, Any], nih_dir: Path, covid_dir: Path, seconds: float, pneumonia_dir: Path | None = None
+) -> str:
     """A short table: images per finding and per class, where they went, and how long it took."""
     nih, covid = manifest["nih"], manifest["covid"]
     n = max(nih["images"], 1)
@@ -31,6 +45,7 @@ def format_summary(manifest: dict[str, Any], nih_dir: Path, covid_dir: Path, sec
         f"{k} {v}" for k, v in {**nih["modes"], **{f"covid {k}": v for k, v in covid["modes"].items()}}.items()
     )
     lines.append(f"modes: {modes}")
+    lines += _pneumonia_lines(manifest.get("pneumonia"), pneumonia_dir)
     if manifest["duplicates"] or manifest["corrupt"]:
         lines.append(f"plants: {len(manifest['duplicates'])} near-duplicates, {len(manifest['corrupt'])} corrupt files")
     lines.append(f"done in {seconds:.1f} s")
@@ -40,18 +55,25 @@ def format_summary(manifest: dict[str, Any], nih_dir: Path, covid_dir: Path, sec
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nih", type=Path, default=None, help="NIH root (default: data.nih_dir)")
     parser.add_argument("--covid", type=Path, default=None, help="COVID root (default: data.covid_dir)")
+    parser.add_argument(
+        "--pneumonia",
+        type=Path,
+        default=None,
+        help="pneumonia root, holds chest_xray/ (default: data.pneumonia_dir; when null, beside the NIH root)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing synthetic folders")
     parser.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from pipelines.data.synth import synthesize
+    from pipelines.data.synth import synthesize, target_dirs
 
-    nih_dir = args.nih or cfg.data.nih_dir
-    covid_dir = args.covid or cfg.data.covid_dir
+    nih_dir, covid_dir, pneumonia_dir = target_dirs(cfg, args.nih, args.covid, args.pneumonia)
     start = time.perf_counter()
-    manifest = synthesize(cfg, nih_dir, covid_dir, overwrite=args.overwrite, workers=args.workers)
-    print(format_summary(manifest, Path(nih_dir), Path(covid_dir), time.perf_counter() - start))
+    manifest = synthesize(
+        cfg, nih_dir, covid_dir, overwrite=args.overwrite, workers=args.workers, pneumonia_dir=pneumonia_dir
+    )
+    print(format_summary(manifest, nih_dir, covid_dir, time.perf_counter() - start, pneumonia_dir))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Label sampling: NIH finding sets per patient and follow-up, and COVID class counts.
+"""Label sampling: NIH finding sets per patient and follow-up, COVID class counts and Kermany pneumonia counts.
 
 NIH: about half the images are ``No Finding``; Infiltration, Effusion and Atelectasis are the most common
 findings and Hernia the rarest, as in the real v2020 labels, but every finding has a prevalence floor of
@@ -8,6 +8,9 @@ the follow-up images of one patient mostly keep that patient's findings, with an
 
 COVID: the class mix of the real v4 database (COVID 3616, Lung_Opacity 6012, Normal 10192, Viral Pneumonia
 1345 images), with a 12% floor so the rarest class keeps enough images.
+
+Kermany pneumonia: the real images per official split and class (train 1341 normal / 2530 bacterial / 1345 viral,
+val 8 / 8 / 0, test 234 / 242 / 148), scaled to any total.
 """
 
 from __future__ import annotations
@@ -174,3 +177,31 @@ def covid_class_counts(total: int, floor: float = COVID_CLASS_FLOOR) -> dict[str
         largest = max(COVID_CLASSES, key=lambda name: counts[name])
         counts[largest] -= 1
     return counts
+
+
+# Kermany's pneumonia set (v2 on Mendeley / Kaggle): images per official split and class (5,856 in all).
+PNEUMONIA_REAL_COUNTS: dict[str, dict[str, int]] = {
+    "train": {"normal": 1341, "bacterial": 2530, "viral": 1345},
+    "val": {"normal": 8, "bacterial": 8, "viral": 0},
+    "test": {"normal": 234, "bacterial": 242, "viral": 148},
+}
+
+
+def pneumonia_split_counts(total: int) -> dict[str, dict[str, int]]:
+    """``total`` images over the official splits and classes in the real proportions (largest remainder); every
+    cell the real set fills gets at least one image, so a small set keeps its tiny val folder."""
+    cells = [(split, cls) for split, classes in PNEUMONIA_REAL_COUNTS.items() for cls in classes]
+    real = {cell: PNEUMONIA_REAL_COUNTS[cell[0]][cell[1]] for cell in cells}
+    filled = [cell for cell in cells if real[cell]]
+    if total < len(filled):
+        raise ValueError(f"{total} pneumonia images cannot fill the {len(filled)} split/class cells of the real set")
+    raw = {cell: total * real[cell] / sum(real.values()) for cell in cells}
+    counts = {cell: max(int(cell in filled), int(np.floor(raw[cell]))) for cell in cells}
+    by_remainder = sorted(filled, key=lambda cell: (-(raw[cell] - np.floor(raw[cell])), cells.index(cell)))
+    index = 0
+    while sum(counts.values()) < total:
+        counts[by_remainder[index % len(by_remainder)]] += 1
+        index += 1
+    while sum(counts.values()) > total:  # the floors of one pushed the sum over: take from the largest cells
+        counts[max(filled, key=lambda cell: (counts[cell], -cells.index(cell)))] -= 1
+    return {split: {cls: counts[(split, cls)] for cls in classes} for split, classes in PNEUMONIA_REAL_COUNTS.items()}

@@ -1,9 +1,11 @@
-"""File formats of the two real datasets, as the synthetic writer produces them.
+"""File formats of the three real datasets, as the synthetic writer produces them.
 
 - NIH ChestX-ray14: ``images_NNN/images/PPPPPPPP_FFF.png`` (a new archive folder every N images),
   ``Data_Entry_2017_v2020.csv`` with the real header and value formats, and the official split lists
   ``train_val_list.txt`` / ``test_list.txt`` (one name a line, no trailing newline, like the real files).
 - COVID-19 Radiography Database v4: ``COVID-19_Radiography_Dataset/<class>/images/<class>-<n>.png``.
+- Kermany pneumonia: ``chest_xray/<train|val|test>/<NORMAL|PNEUMONIA>/<name>.jpeg`` with the real names
+  (``person<P>_bacteria_<N>``, ``person<P>_virus_<N>``, ``IM-<NNNN>-<MMMM>``, ``NORMAL2-IM-<NNNN>-<MMMM>[-<K>]``).
 
 Also the byte-level plants for tests: zero-byte, truncated and text-as-PNG files, and re-encoded copies of
 NIH images for the cross-dataset duplicate check.
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from models.labels import COVID_DATASET_FOLDER
+from pipelines.data.datasets.pneumonia import DATASET_FOLDER as PNEUMONIA_DATASET_FOLDER
 
 NIH_CSV_NAME = "Data_Entry_2017_v2020.csv"
 # The real header: the csv module reads "OriginalImage[Width,Height]" as two columns, and so on.
@@ -72,6 +75,22 @@ def covid_relpath(cls: str, number: int) -> str:
     return f"{COVID_DATASET_FOLDER}/{cls}/images/{cls}-{number}.png"
 
 
+def pneumonia_relpath(split: str, cls: str, name: str) -> str:
+    """Path of a pneumonia-set image relative to its root (the folder holding ``chest_xray``)."""
+    return f"{PNEUMONIA_DATASET_FOLDER}/{split}/{'NORMAL' if cls == 'normal' else 'PNEUMONIA'}/{name}"
+
+
+def pneumonia_image_name(cls: str, person: int, number: int) -> str:
+    """``person<P>_bacteria_<N>.jpeg`` / ``person<P>_virus_<N>.jpeg``: N counts the set's pneumonia images."""
+    return f"person{person}_{'bacteria' if cls == 'bacterial' else 'virus'}_{number}.jpeg"
+
+
+def normal_image_name(series: str, study: int, image: int, version: int = 0) -> str:
+    """``IM-0115-0001.jpeg``, ``NORMAL2-IM-0246-0001.jpeg``, or with a version ``NORMAL2-IM-0246-0001-0002.jpeg``."""
+    prefix = "NORMAL2-IM" if series == "NORMAL2" else "IM"
+    return f"{prefix}-{study:04d}-{image:04d}" + (f"-{version:04d}" if version else "") + ".jpeg"
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -91,6 +110,20 @@ def encode_png(image: np.ndarray, mode: str) -> bytes:
             raise ValueError(f"unsupported PNG mode {mode!r}")
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_jpeg(image: np.ndarray, mode: str, quality: int) -> bytes:
+    """Encode a [0, 1] float image as a baseline JPEG in ``L`` or ``RGB`` (three equal channels)."""
+    gray = to_uint8(image)
+    if mode == "L":
+        pil = Image.fromarray(gray)
+    elif mode == "RGB":
+        pil = Image.fromarray(np.stack([gray, gray, gray], axis=-1))
+    else:
+        raise ValueError(f"unsupported JPEG mode {mode!r}")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
