@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from models.errors import CxrError
 
 # The NIH order used by the dataset paper and every model trained on it.
@@ -57,6 +59,15 @@ def format_nih_labels(vector: Iterable[int]) -> str:
     """Inverse of ``parse_nih_labels``: the ``|``-joined finding names, or ``No Finding``."""
     names = [name for name, flag in zip(NIH14, vector, strict=True) if flag]
     return "|".join(names) if names else NO_FINDING
+
+
+def abnormal_probability(nih_probs: np.ndarray) -> np.ndarray:
+    """NIH's binary screening answer, any finding vs "No Finding", from the 14 finding probabilities (last axis).
+
+    The most likely finding's probability: a lower bound of P(any finding) that assumes nothing about how findings
+    co-occur (``1 - prod(1 - p)`` would assume independence, and NIH's findings are strongly correlated).
+    """
+    return np.asarray(nih_probs).max(axis=-1)
 
 
 def covid_class_index(name: str, classes: tuple[str, ...] = COVID_CLASSES) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from models.ensemble import confidence
+from models.labels import abnormal_probability
 
 API_VERSION = "v1"
 MODES = ("adaptive", "cnn", "vit", "ensemble")
@@ -49,7 +50,8 @@ def error_body(status: int, reason: str, detail: str) -> dict[str, Any]:
 def prediction_body(
     probs: dict[str, np.ndarray], labels: dict[str, list[str]], settings: GateSettings
 ) -> dict[str, Any]:
-    """Probabilities per head, the findings at or above their thresholds, the covid top class, and confidence."""
+    """Probabilities per head, the findings at or above their thresholds and the abnormal answer, the covid top
+    class, and confidence."""
     nih = [float(p) for p in np.asarray(probs["nih14"]).ravel()]
     covid = [float(p) for p in np.asarray(probs["covid"]).ravel()]
     cutoffs = {name: settings.finding_thresholds.get(name, settings.finding_threshold) for name in labels["nih14"]}
@@ -57,7 +59,13 @@ def prediction_body(
     top = int(np.argmax(covid))
     conf = confidence({head: np.asarray(values)[None] for head, values in probs.items()})
     return {
-        "nih14": {"probabilities": dict(zip(labels["nih14"], nih, strict=True)), "findings": findings},
+        "nih14": {
+            "probabilities": dict(zip(labels["nih14"], nih, strict=True)),
+            "findings": findings,
+            # the binary screening answer: abnormal when any finding is reported
+            "abnormal": bool(findings),
+            "abnormal_probability": float(abnormal_probability(np.asarray(nih))),
+        },
         "covid": {
             "probabilities": dict(zip(labels["covid"], covid, strict=True)),
             "top_class": labels["covid"][top],

@@ -136,12 +136,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     vit = args.vit or latest_checkpoint(cfg, "vit")
     out = args.out or Path(cfg.train.run_dir) / "evaluation"
     summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class)
-    print(f"{'system':<10}{'nih14 AUROC':>12}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
+    print(f"{'system':<10}{'nih14 AUROC':>12}{'abnormal':>10}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
     for name, m in summary["systems"].items():
         h = m["headline"]
         print(
-            f"{name:<10}{h['nih_macro_auroc']:>12.3f}{h['covid_accuracy']:>11.3f}{h['covid_macro_f1']:>10.3f}"
-            f"{m['calibration']['covid']['ece']:>11.3f}"
+            f"{name:<10}{h['nih_macro_auroc']:>12.3f}{h['nih_abnormal_auroc']:>10.3f}{h['covid_accuracy']:>11.3f}"
+            f"{h['covid_macro_f1']:>10.3f}{m['calibration']['covid']['ece']:>11.3f}"
         )
     ens = summary["ensemble"]
     print(

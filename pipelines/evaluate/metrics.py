@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from models.labels import NIH14
+from models.labels import NIH14, abnormal_probability
 
 
 def scored_heads(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -21,13 +21,22 @@ def scored_heads(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def nih_auroc(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """Per-finding AUROC and their macro mean over findings that have both classes in ``labels``."""
+    """Per-finding AUROC, their macro mean over findings that have both classes in ``labels``, and the AUROC of
+    the binary abnormal answer (any finding)."""
     per_finding = {}
     for k, name in enumerate(NIH14):
         column = labels[:, k]
         per_finding[name] = float(roc_auc_score(column, probs[:, k])) if 0 < column.sum() < len(column) else math.nan
     defined = [v for v in per_finding.values() if not math.isnan(v)]
-    return {"per_finding": per_finding, "macro": float(np.mean(defined)) if defined else math.nan}
+    abnormal = labels.any(axis=1)
+    return {
+        "per_finding": per_finding,
+        "macro": float(np.mean(defined)) if defined else math.nan,
+        # any finding vs No Finding, scored by abnormal_probability
+        "abnormal": float(roc_auc_score(abnormal, abnormal_probability(probs)))
+        if 0 < abnormal.sum() < len(abnormal)
+        else math.nan,
+    }
 
 
 def covid_metrics(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:
@@ -70,10 +79,12 @@ def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, bin
 
 
 def headline(predictions: dict[str, np.ndarray], covid_classes: tuple[str, ...]) -> dict[str, float]:
-    """The figures tracked per epoch: nih14 macro AUROC, covid accuracy and macro F1, and their combined score."""
+    """The figures tracked per epoch: nih14 macro and abnormal AUROC, covid accuracy and macro F1, and the score
+    (the mean of the macro AUROC and the macro F1)."""
     nih = predictions["source"] == 0
     covid = ~nih
-    auroc = nih_auroc(predictions["nih_labels"][nih], predictions["nih14"][nih])["macro"] if nih.any() else math.nan
+    nih_figures = nih_auroc(predictions["nih_labels"][nih], predictions["nih14"][nih]) if nih.any() else {}
+    auroc, abnormal = nih_figures.get("macro", math.nan), nih_figures.get("abnormal", math.nan)
     cm = (
         covid_metrics(predictions["covid_label"][covid], predictions["covid"][covid], covid_classes)
         if covid.any()
@@ -83,6 +94,7 @@ def headline(predictions: dict[str, np.ndarray], covid_classes: tuple[str, ...])
     parts = [v for v in (auroc, macro_f1) if not math.isnan(v)]
     return {
         "nih_macro_auroc": auroc,
+        "nih_abnormal_auroc": abnormal,
         "covid_accuracy": accuracy,
         "covid_macro_f1": macro_f1,
         "score": float(np.mean(parts)) if parts else math.nan,

@@ -243,6 +243,10 @@
       const rows = sortedEntries(body[head].probabilities).map(([label, p]) => bar(head, label, p, hits[head]));
       $(listId).replaceChildren(...rows);
     }
+    const screen = body.nih14;
+    $("nih-abnormal").textContent =
+      `Screening: ${screen.abnormal ? "abnormal (a finding is reported)" : "no finding reported"}; ` +
+      `most likely finding ${(screen.abnormal_probability * 100).toFixed(1)}%`;
   }
 
   function bar(head, label, p, hits) {

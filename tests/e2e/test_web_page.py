@@ -188,6 +188,9 @@ def test_bars_and_numbers_are_what_the_api_answers(page, app, xray):
     findings = body["nih14"]["findings"]
     assert [bar["label"] for bar in nih if bar["hit"]] == [name for name in nih_sorted(body) if name in findings]
     assert [bar["label"] for bar in shown_bars(page, "covid-bars") if bar["top"]] == [body["covid"]["top_class"]]
+    screening = page.text_content("#nih-abnormal")
+    assert ("abnormal" in screening) == body["nih14"]["abnormal"]
+    assert f"{body['nih14']['abnormal_probability'] * 100:.1f}%" in screening
     assert nih[0]["pressed"], "the top finding is selected by default"
     assert (
         page.get_attribute("#models-used", "data-models")

@@ -24,6 +24,14 @@ def test_nih_auroc_matches_sklearn_and_skips_single_class_findings():
     assert math.isnan(result["per_finding"]["Hernia"])
     np.testing.assert_allclose([result["per_finding"][n] for n in list(result["per_finding"])[:13]], expected)
     np.testing.assert_allclose(result["macro"], np.mean(expected))
+    # the abnormal answer: any finding vs No Finding, scored by the most likely finding
+    np.testing.assert_allclose(result["abnormal"], roc_auc_score(labels.any(axis=1), probs.max(axis=1)))
+
+
+def test_abnormal_auroc_is_undefined_without_both_answers():
+    labels = np.zeros((5, 14), dtype=int)
+    labels[:, 2] = 1  # every image has Effusion: no normal image to rank against
+    assert math.isnan(nih_auroc(labels, np.full((5, 14), 0.3))["abnormal"])
 
 
 def test_covid_metrics_match_sklearn():

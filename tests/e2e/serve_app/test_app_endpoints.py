@@ -48,6 +48,8 @@ def test_cnn_mode_answers_what_the_checkpoint_computes_in_process(served):
     np.testing.assert_allclose(served_covid, expected["covid"][0], atol=1e-5)
     assert body["covid"]["top_class"] == list(body["covid"]["probabilities"])[int(np.argmax(served_covid))]
     assert body["nih14"]["findings"] == [k for k, v in body["nih14"]["probabilities"].items() if v >= 0.5]
+    assert body["nih14"]["abnormal"] == bool(body["nih14"]["findings"])
+    assert body["nih14"]["abnormal_probability"] == pytest.approx(float(served_nih.max()), abs=1e-6)
 
 
 @pytest.mark.parametrize(("mode", "used"), [("vit", ["vit"]), ("ensemble", ["cnn", "vit"])])
