@@ -7,6 +7,13 @@
   grid. Gradients rather than attention rollout because rollout is class-agnostic: it cannot say which region
   drives *Cardiomegaly* as opposed to *Effusion*. The last block's input (not its output) because with a class
   token the output's patch tokens no longer reach the head; the input's do, through the last attention.
+- Backbones that name their own map layer (``backbone.cam_layer``: the hybrid CNN + Transformer of
+  ``models/hybrid.py``, its projected CNN map) get Grad-CAM there.
+
+``attention_map`` is the second method, for backbones that have ``class_token_attention`` (the hybrid): the last
+encoder layer's attention from the class token to the grid tokens, heads averaged. It is the same for every label
+(only the reported probability is the target's); ``explain`` picks a method by name, ``methods_for`` lists a
+model's.
 
 The score is the target's logit (before sigmoid/softmax), as in the Grad-CAM paper. Maps are ReLU'd and scaled
 to [0, 1] per image; an all-zero map means no region raised the score.
@@ -31,10 +38,11 @@ class Explanation:
     cam: np.ndarray  # float32 [h, w] in [0, 1] at the layer's grid
     probability: float  # of the target under this model (sigmoid for nih14, softmax for covid)
     layer: str
+    kind: str = "grad-cam"  # or "attention"
 
     @property
     def method(self) -> str:
-        return f"grad-cam on {self.layer} ({self.cam.shape[0]}x{self.cam.shape[1]})"
+        return f"{self.kind} on {self.layer} ({self.cam.shape[0]}x{self.cam.shape[1]})"
 
 
 def is_vit(model: CxrNet) -> bool:
@@ -55,7 +63,12 @@ def cnn_layer(model: CxrNet) -> str:
 def _activations_and_logits(model: CxrNet, images: torch.Tensor) -> tuple[torch.Tensor, dict, str]:
     """(activations [B, C, h, w] with grad, logits per head, layer name) in one forward pass."""
     captured: dict[str, torch.Tensor] = {}
-    layer = f"blocks.{len(model.backbone.blocks) - 1}.norm1" if is_vit(model) else cnn_layer(model)
+    if getattr(model.backbone, "cam_layer", None):
+        layer = model.backbone.cam_layer
+    elif is_vit(model):
+        layer = f"blocks.{len(model.backbone.blocks) - 1}.norm1"
+    else:
+        layer = cnn_layer(model)
     hook = None
     if layer != FINAL_STAGE:
         module = model.backbone.get_submodule(layer)
@@ -103,6 +116,56 @@ def grad_cam(model: CxrNet, images: np.ndarray | torch.Tensor, head: str, target
     finally:
         model.train(was_training)
     return [Explanation(cam, float(p), layer) for cam, p in zip(cams, target_probs, strict=True)]
+
+
+GRAD_CAM, ATTENTION = "grad-cam", "attention"
+METHODS = (GRAD_CAM, ATTENTION)
+
+
+def has_attention(model: CxrNet) -> bool:
+    return callable(getattr(model.backbone, "class_token_attention", None))
+
+
+def methods_for(model: CxrNet) -> tuple[str, ...]:
+    """The explanation methods ``model`` supports: Grad-CAM always, attention where the backbone has it."""
+    return METHODS if has_attention(model) else (GRAD_CAM,)
+
+
+def attention_map(model: CxrNet, images: np.ndarray | torch.Tensor, head: str, target: int) -> list[Explanation]:
+    """The class token's last-layer attention to the grid tokens (heads averaged) for uint8 images [B, 1, S, S],
+    scaled to a peak of 1 like Grad-CAM; ``probability`` is ``target``'s under the model."""
+    if not has_attention(model):
+        raise ValueError(f"{model.arch} has no class-token attention to explain with; use {GRAD_CAM}")
+    if head not in model.heads:
+        raise ValueError(f"head must be one of {', '.join(model.heads)}, got {head!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = torch.tensor(np.asarray(images)).to(device)
+    try:
+        with torch.inference_mode():
+            normalized = model.normalize(batch)
+            attention = model.backbone.class_token_attention(normalized)
+            logits = model.heads[head](model.backbone.forward_head(model.backbone.forward_features(normalized), True))
+            probs = torch.sigmoid(logits) if head == "nih14" else torch.softmax(logits, dim=-1)
+    finally:
+        model.train(was_training)
+    peak = attention.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    maps = (attention / peak).float().cpu().numpy()
+    layer = f"backbone.{getattr(model.backbone, 'attention_layer', 'class_token_attention')}"
+    return [
+        Explanation(cam, float(p), layer, kind=ATTENTION)
+        for cam, p in zip(maps, probs[:, target].float().cpu().numpy(), strict=True)
+    ]
+
+
+def explain(
+    model: CxrNet, images: np.ndarray | torch.Tensor, head: str, target: int, method: str = GRAD_CAM
+) -> list[Explanation]:
+    """``grad_cam`` or ``attention_map`` by name; a method the model does not have is a ``ValueError``."""
+    if method not in methods_for(model):
+        raise ValueError(f"{model.arch} explains with {', '.join(methods_for(model))}, not {method!r}")
+    return attention_map(model, images, head, target) if method == ATTENTION else grad_cam(model, images, head, target)
 
 
 def upsample(cam: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

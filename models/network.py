@@ -10,8 +10,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg
 from torch import nn
 
+import models.hybrid  # noqa: F401  (registers the cxr_hybrid_* architectures with timm)
 from models.labels import NIH14
 
 
@@ -34,7 +36,8 @@ class CxrNet(nn.Module):
         self.backbone = timm.create_model(
             arch, pretrained=False, num_classes=0, in_chans=1, drop_rate=drop_rate, **kwargs, **self.options
         )
-        features = self.backbone.num_features
+        # what forward returns with num_classes=0: a hidden head layer (MobileNetV3, EfficientViT) widens it
+        features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.heads = nn.ModuleDict(
             {"nih14": nn.Linear(features, len(NIH14)), "covid": nn.Linear(features, len(covid_classes))}
         )
@@ -53,5 +56,13 @@ class CxrNet(nn.Module):
 
 
 def _takes_img_size(arch: str) -> bool:
-    """Vision transformers fix their position embeddings to an input size; CNNs take any size."""
+    """Models that fix their position embeddings or windows to an input size (ViT, Swin, CaiT, CoAtNet, ...) take
+    ``img_size``; CNNs take any size. timm's own flag (``fixed_input_size``) decides; for a name timm has no
+    configuration for, the name does."""
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except RuntimeError:  # an unknown tag: timm.create_model names it
+        cfg = None
+    if cfg is not None:
+        return bool(cfg.fixed_input_size)
     return any(key in arch for key in ("vit", "deit", "beit", "eva", "swin"))

@@ -1,7 +1,11 @@
-"""``POST /v1/explain``: which label and which model a request asks about, and how the answer is written.
+"""``POST /v1/explain``: which label, which model and which method a request asks about, and how the answer is
+written.
 
-The Grad-CAM itself runs on the model replicas (``ModelReplica.explain``, one function in ``models.explain``);
-the router only fuses the two maps for ``model=ensemble`` and draws the overlay, both a few milliseconds.
+The map itself runs on the model replicas (``ModelReplica.explain``, ``models.explain.explain``); the router only
+fuses the two maps for ``model=ensemble`` and draws the overlay, both a few milliseconds. ``method=grad-cam`` (the
+default) works for every model; ``method=attention`` (the class token's attention, ``models.explain.attention_map``)
+only for models that have one (the hybrid CNN + Transformer): each replica lists its methods in ``describe()``
+(``explain_methods``), and a role without the method asked for is refused with 400 ``unsupported_method``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from PIL import Image
 from starlette.datastructures import QueryParams
 
 from models.ensemble import HEADS
-from models.explain import overlay
+from models.explain import GRAD_CAM, METHODS, overlay
 from serve.inputs import InputRejected
 
 EXPLAIN_MODELS = ("cnn", "vit", "ensemble")
@@ -29,21 +33,38 @@ class ExplainQuery:
     target: str | None  # None: the most probable label of ``head`` under ``model``
     model: str
     format: str
+    method: str = GRAD_CAM
 
     @classmethod
     def from_params(cls, params: QueryParams) -> ExplainQuery:
         head, model, fmt = params.get("head", "nih14"), params.get("model", "cnn"), params.get("format", "json")
+        method = params.get("method", GRAD_CAM)
         if head not in HEADS:
             raise InputRejected(400, "bad_head", f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if model not in EXPLAIN_MODELS:
             raise InputRejected(400, "bad_model", f"model must be one of {', '.join(EXPLAIN_MODELS)}, got {model!r}")
         if fmt not in FORMATS:
             raise InputRejected(400, "bad_format", f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return cls(head, params.get("target") or None, model, fmt)
+        if method not in METHODS:
+            raise InputRejected(400, "bad_method", f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        return cls(head, params.get("target") or None, model, fmt, method)
 
     @property
     def roles(self) -> tuple[str, ...]:
         return ("cnn", "vit") if self.model == "ensemble" else (self.model,)
+
+
+def check_method(method: str, infos: dict[str, dict[str, Any]]) -> None:
+    """400 ``unsupported_method`` unless every role asked (role -> its ``describe()``) offers ``method``."""
+    for role, info in infos.items():
+        offered = info.get("explain_methods") or [GRAD_CAM]  # replicas that predate the list: Grad-CAM only
+        if method not in offered:
+            raise InputRejected(
+                400,
+                "unsupported_method",
+                f"the {role} model ({info.get('arch', 'unknown arch')}) has no {method} explanation; "
+                f"it offers {', '.join(offered)}",
+            )
 
 
 def target_index(labels: dict[str, list[str]], head: str, target: str) -> int:

@@ -152,15 +152,24 @@ class EnsemblePipeline:
         }
 
     async def explain(
-        self, gray: np.ndarray, roles: tuple[str, ...], head: str, target: str | None, w_cnn: float
+        self,
+        gray: np.ndarray,
+        roles: tuple[str, ...],
+        head: str,
+        target: str | None,
+        w_cnn: float,
+        method: str = "grad-cam",
     ) -> dict[str, Any]:
-        """Grad-CAM of ``target`` (default: the most probable label of ``head``) from each role, fused for the
-        ensemble with the gate's weight; also the model input the map belongs to, for the overlay."""
-        from serve.explanations import target_index  # serving-only helper; keeps this module free of Starlette
+        """The ``method`` map (Grad-CAM, or attention where every role has it) of ``target`` (default: the most
+        probable label of ``head``) from each role, fused for the ensemble with the gate's weight; also the model
+        input the map belongs to, for the overlay."""
+        from serve.explanations import check_method, target_index  # serving-only; keeps Starlette out of here
 
         cache: dict[PreprocessSpec, np.ndarray] = {}
         timings: dict[str, float] = {}
-        labels = (await self.describe(roles[0]))["label_spaces"]
+        infos = await asyncio.gather(*(self.describe(role) for role in roles))
+        check_method(method, dict(zip(roles, infos, strict=True)))
+        labels = infos[0]["label_spaces"]
         if target is None:
             probs = await asyncio.gather(*(self.predict(role, gray, cache, timings) for role in roles))
             fused = fuse(probs[0], probs[1], w_cnn) if len(roles) == 2 else probs[0]
@@ -169,7 +178,7 @@ class EnsemblePipeline:
         started = time.perf_counter()
         images = await asyncio.gather(*(self.model_input(role, gray, cache) for role in roles))
         found = await asyncio.gather(
-            *(self.call(role, "explain", image, head, index) for role, image in zip(roles, images, strict=True))
+            *(self.call(role, "explain", image, head, index, method) for role, image in zip(roles, images, strict=True))
         )
         timings["explain_ms"] = (time.perf_counter() - started) * 1e3
         if len(roles) == 2:

@@ -40,6 +40,7 @@ class ModelReplica:
             model_fingerprint,
             model_from_checkpoint,
         )
+        from models.explain import methods_for
         from serve.model_source import materialize
         from serve.onnx_backend import backend_for_replica
 
@@ -60,6 +61,7 @@ class ModelReplica:
             "label_spaces": payload["label_spaces"],
             "preprocessing": {**payload["preprocessing"], **vars(PreprocessSpec.from_checkpoint_meta(payload))},
             "device": str(self.device),
+            "explain_methods": list(methods_for(self.model)),
         }
         # backend onnx: ONNX Runtime answers predict on CPU replicas; self.model stays loaded (explain uses it)
         self._runner, backend_info = backend_for_replica(
@@ -93,17 +95,18 @@ class ModelReplica:
             return self._runner(batch)
         return probabilities(self.model, batch, self.device)
 
-    async def explain(self, image: np.ndarray, head: str, target: int) -> dict[str, Any]:
-        """Grad-CAM of one label for one preprocessed image; not batched (a backward pass per request), and on
-        the same single forward thread as ``predict``, so the two never run the model at once."""
+    async def explain(self, image: np.ndarray, head: str, target: int, method: str = "grad-cam") -> dict[str, Any]:
+        """The ``method`` map (``info["explain_methods"]``) of one label for one preprocessed image; not batched (a
+        backward pass per request), and on the same single forward thread as ``predict``, so the two never run the
+        model at once."""
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._executor, self._explain, image, head, target)
+        found = await loop.run_in_executor(self._executor, self._explain, image, head, target, method)
         return {"cam": found.cam, "probability": found.probability, "method": found.method}
 
-    def _explain(self, image: np.ndarray, head: str, target: int):
-        from models.explain import grad_cam
+    def _explain(self, image: np.ndarray, head: str, target: int, method: str):
+        from models.explain import explain
 
-        return grad_cam(self.model, image[None], head, target)[0]
+        return explain(self.model, image[None], head, target, method)[0]
 
 
 def probabilities(model, batch: np.ndarray, device) -> dict[str, np.ndarray]:

@@ -3,8 +3,9 @@
 Routes (JSON unless said):
     POST /v1/predict[?mode=adaptive|cnn|vit|ensemble][&head=nih14|covid]   one image: multipart file or raw body
     POST /v1/predict/batch[?mode=...]                   several file parts: one result or error per image, in order
-    POST /v1/explain?head=nih14|covid[&target=NAME][&model=cnn|vit|ensemble][&format=png]
-                                                        Grad-CAM of one label: raw map + overlay PNG (or the PNG)
+    POST /v1/explain?head=nih14|covid[&target=NAME][&model=cnn|vit|ensemble][&format=png][&method=grad-cam|attention]
+                                                        Grad-CAM (or attention, for models that have it) of one
+                                                        label: raw map + overlay PNG (or the PNG)
     GET  /                                              the upload page (serve/web/), its files under /static/
     GET  /v1/health                                     200 only when both models are loaded (never needs the key)
     GET  /v1/model                                      versions, checkpoints, label spaces, ensemble, cache settings
@@ -235,7 +236,9 @@ class EnsembleRouter:
             if upload.rejected is not None:
                 raise upload.rejected
             gray, image_format = await asyncio.to_thread(decode_upload, upload.data, self.limits)
-            found = await self.pipeline.explain(gray, query.roles, query.head, query.target, settings.w_cnn)
+            found = await self.pipeline.explain(
+                gray, query.roles, query.head, query.target, settings.w_cnn, query.method
+            )
             png = await asyncio.to_thread(overlay_png, found["image"], found["cam"])
         except InputRejected as err:
             self.metrics.rejected(err.reason)

@@ -67,6 +67,8 @@ def test_explain_png_format_answers_the_image(served):
         ({"target": "Cardiomegally"}, None, 400, "bad_target"),
         ({"model": "adaptive"}, None, 400, "bad_model"),
         ({"head": "chexpert"}, None, 400, "bad_head"),
+        ({"method": "rollout"}, None, 400, "bad_method"),
+        ({"method": "attention", "model": "ensemble"}, None, 400, "unsupported_method"),  # tiny CNN/ViT have none
         ({}, b"not an image", 415, "unsupported_type"),
         ({}, b"\x89PNG" + bytes(int(APP_MAX_UPLOAD_MB * 2**20)), 413, "too_large"),
     ],
