@@ -203,6 +203,25 @@ class TrainConfig(Strict):
     max_failures: int = Field(2, ge=-1)
     # decode and transform the validation split once, kept in the object store, instead of once per epoch
     cache_val: bool = False
+    # micro-batches of batch_size per optimizer step (DDP all-reduces once per step): effective batch
+    # = batch_size x num_workers x grad_accum_steps; warm-up and cosine count optimizer steps
+    grad_accum_steps: int = Field(1, ge=1)
+    # full: every parameter trains; linear_probe: frozen backbone (eval mode), heads only, the whole run;
+    # two_phase: heads only for freeze_backbone_epochs epochs, then the whole network (pipelines/train/recipes.py)
+    recipe: Literal["full", "linear_probe", "two_phase"] = "full"
+    freeze_backbone_epochs: int = Field(0, ge=0)  # two_phase only: the heads-only epochs before unfreezing
+    backbone_lr_scale: float = Field(1.0, gt=0.0)  # the backbone's learning rate is lr x this
+
+    @model_validator(mode="after")
+    def _recipe(self) -> TrainConfig:
+        if self.recipe == "two_phase" and self.freeze_backbone_epochs < 1:
+            raise ValueError("train.recipe=two_phase needs train.freeze_backbone_epochs >= 1 (heads-only epochs)")
+        if self.recipe != "two_phase" and self.freeze_backbone_epochs:
+            raise ValueError(
+                f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} is only read by train.recipe=two_phase"
+                f" (got train.recipe={self.recipe}); set both, or freeze_backbone_epochs=0"
+            )
+        return self
 
 
 class EvaluateConfig(Strict):
@@ -398,6 +417,8 @@ class Config(Strict):
         dirs = [("data", "nih_dir"), ("data", "covid_dir"), ("data", "shards_dir"), ("train", "run_dir")]
         for section, key in [*dirs, ("export", "out_dir")]:
             tree[section][key] = str((root / tree[section][key]).resolve())
+        if tree["data"]["pneumonia_dir"]:  # null stays null: it follows the (now absolute) nih_dir
+            tree["data"]["pneumonia_dir"] = str((root / tree["data"]["pneumonia_dir"]).resolve())
         for role in ("cnn", "vit"):
             if tree["model"][role]["pretrained"]:
                 tree["model"][role]["pretrained"] = str((root / tree["model"][role]["pretrained"]).resolve())
@@ -416,5 +437,3 @@ def project_root() -> Path:
     A job submitted with ``--working-dir`` runs in Ray's unpacked copy of the code; ``cxr <stage> --address`` to a
     cluster on this machine sets the variable to the submitting checkout, so the job reads and writes its runs/."""
     return Path(os.environ.get(PROJECT_ROOT_ENV) or ".")
-        if tree["data"]["pneumonia_dir"]:  # null stays null: it follows the (now absolute) nih_dir
-            tree["data"]["pneumonia_dir"] = str((root / tree["data"]["pneumonia_dir"]).resolve())

@@ -26,6 +26,7 @@ from pipelines.data.streaming import preprocessed_split
 from pipelines.runtime import ensure_ray
 from pipelines.train import tracking
 from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.recipes import check_recipe
 
 log = logging.getLogger(__name__)
 ROLES = ("cnn", "vit")
@@ -71,6 +72,7 @@ def build_trainer(
     """``callbacks`` go to Ray Train (a sweep passes TuneReportCallback); ``mlflow_tags`` to the run's MLflow run
     (a sweep links each trial to its parent run)."""
     cfg = for_role(cfg, role)
+    check_recipe(cfg, role)
     manifest = load_manifest(cfg.data.shards_dir)
     use_gpu = resolve_use_gpu(cfg.train.use_gpu)
     return TorchTrainer(
@@ -109,6 +111,7 @@ def train(cfg: Config, role: str, run_name: str | None = None) -> dict[str, Any]
     if role not in ROLES:
         raise ValueError(f"--model must be one of {ROLES}, got {role!r}")
     run_name = run_name or f"{role}-{getattr(cfg.model, role).name}"
+    check_recipe(for_role(cfg, role), role)  # before Ray starts (build_trainer checks again, for sweeps)
     cfg = cfg.with_absolute_paths()
     tracking.ensure_experiment(cfg)
     cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": tracking.tracking_uri(cfg)})})

@@ -1,5 +1,6 @@
 """The Ray Train worker loop: a short wrapper around ``train_epoch`` / ``predict`` that adds DDP, dataset
-shards, checkpoints, resume, early stopping and (on rank 0) MLflow."""
+shards, checkpoints, resume, early stopping, the recipe's phases (pipelines/train/recipes.py) and (on rank 0)
+MLflow."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from models.labels import NIH14
 from pipelines.config import Config, config_from_dict
 from pipelines.data.streaming import iter_training_batches
 from pipelines.evaluate.metrics import headline
-from pipelines.train import tracking
+from pipelines.train import recipes, tracking
 from pipelines.train.steps import amp_dtype, predict, train_epoch, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def _build(cfg: Config, role: str, info: dict[str, Any], steps_per_epoch: int):
         arch.name, cfg.model.input_size, tuple(info["covid_classes"]), cfg.model.mean, cfg.model.std,
         arch.drop_rate, arch.pretrained, arch.options,
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    groups = recipes.param_groups(model, cfg.train.lr, cfg.train.backbone_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = round(cfg.train.warmup_epochs * steps_per_epoch)
     scheduler = warmup_cosine(optimizer, warmup, cfg.train.epochs * steps_per_epoch)
     return model, optimizer, scheduler
@@ -71,17 +73,31 @@ def _resume(model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
     return payload["epoch"] + 1, payload["state"]
 
 
+def _enter_phase(cfg: Config, model, phase: str | None, epoch: int, rank: int):
+    """(Re)wrap the model when ``epoch`` starts a new phase (or is the first of this process); rank 0 logs it."""
+    wanted = recipes.phase_for_epoch(cfg.train.recipe, cfg.train.freeze_backbone_epochs, epoch)
+    if wanted == phase:
+        return model, phase
+    model = recipes.enter_phase(model, wanted, ray.train.torch.prepare_model)
+    if rank == 0 and cfg.train.recipe != "full":
+        tracking.log_phase(wanted, epoch)
+        what = "heads only, backbone frozen" if wanted == recipes.HEADS else "whole network"
+        _console().info("[%s] epoch %d: %s phase (%s)", cfg.train.recipe, epoch + 1, wanted, what)
+    return model, wanted
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     role, info = loop_config["role"], loop_config["info"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    batch_size = cfg.train.batch_size
-    steps_per_epoch = max(1, math.ceil(info["train_rows"] / (batch_size * world)))
+    batch_size, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+    batches_per_epoch = max(1, math.ceil(info["train_rows"] / (batch_size * world)))
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)  # optimizer steps: the scheduler's unit
     model, optimizer, scheduler = _build(cfg, role, info, steps_per_epoch)
     start_epoch, state = _resume(model, optimizer, scheduler)
-    model = ray.train.torch.prepare_model(model)
+    phase = None  # wrapped for the phase of the first epoch below (a resumed run: the phase it stopped in)
     dtype = amp_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     pos_weight = torch.tensor([info["positive_weights"][name] for name in NIH14], device=device)
@@ -92,24 +108,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if start_epoch:
             _console().info("resuming %s from its checkpoint of epoch %d", loop_config["run_name"], start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):
+        model, phase = _enter_phase(cfg, model, phase, epoch, rank)
         train_batches = iter_training_batches(
             ray.train.get_dataset_shard("train"), batch_size, device, shuffle_buffer=4 * batch_size, drop_last=True
         )
         stats = train_epoch(
             model, train_batches, optimizer, scheduler, device, pos_weight, cfg.train.grad_clip,
-            cfg.train.label_smoothing, dtype, scaler,
+            cfg.train.label_smoothing, dtype, scaler, accum, phase,
         )  # fmt: skip
         val_batches = iter_training_batches(ray.train.get_dataset_shard("val"), 2 * batch_size, device)
         val = headline(_gather(predict(unwrap(model), val_batches, device, dtype)), tuple(info["covid_classes"]))
         improved = val["score"] > state["best_score"]
         state["best_score"] = max(state["best_score"], val["score"])
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        stop = state["bad_epochs"] >= cfg.train.early_stopping_patience
+        # two_phase: the heads-only epochs never stop the run early, the backbone gets its turn
+        heads_first = cfg.train.recipe == "two_phase" and phase == recipes.HEADS
+        stop = state["bad_epochs"] >= cfg.train.early_stopping_patience and not heads_first
         metrics = {
             "epoch": epoch,
             "train_loss": stats["loss"],
             "images_per_s_per_worker": stats["images_per_s"],
-            "lr": scheduler.get_last_lr()[0],
+            "lr": scheduler.get_last_lr()[0],  # the heads' (param_groups puts them first)
+            "lr_backbone": scheduler.get_last_lr()[1],
+            "backbone_trainable": phase == recipes.ALL,
             **{f"val_{k}": v for k, v in val.items()},
             "resumed_from_epoch": start_epoch,
             "early_stopped": stop,

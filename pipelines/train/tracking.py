@@ -61,7 +61,7 @@ def start_run(
     run = mlflow.start_run(
         experiment_id=experiment_id,
         run_name=run_name,
-        tags={"role": role, "model": getattr(cfg.model, role).name, **(tags or {})},
+        tags={"role": role, "model": getattr(cfg.model, role).name, "recipe": cfg.train.recipe, **(tags or {})},
     )
     tree = cfg.model_dump(mode="json")
     params = {k: ("null" if v is None else str(v))[:500] for k, v in flatten(tree).items()}
@@ -72,6 +72,13 @@ def start_run(
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v == v}, step=epoch)
+
+
+def log_phase(phase: str, epoch: int) -> None:
+    """A recipe's phase from ``epoch`` (0-based) on: tag ``phase`` holds the current one, ``phase_<name>_from_epoch``
+    where each began (a resumed run logs the phase it resumed in again, at the epoch it resumed at)."""
+    mlflow.set_tags({"phase": phase, f"phase_{phase}_from_epoch": str(epoch)})
+    log.info("training phase %s from epoch %d", phase, epoch)
 
 
 def end_run() -> None:
