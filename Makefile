@@ -15,14 +15,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on generated data, CPU only: synthesise -> ingest (Ray Data) -> train CNN and ViT (Ray Train,
-# 2 DDP workers each, MLflow) -> tune the gate (Ray Tune, stage B) -> evaluate -> serve (Ray Serve) and send a few
-# test images over HTTP. A fresh run name per demo, so it never resumes an older one.
+# The main job on generated data, CPU only: synthesise -> ingest (Ray tasks) -> train CNN, its linear probe (the
+# report's sanity baseline, latest-cnn-probe.json) and ViT (Ray Train, 2 DDP workers each, MLflow) -> tune the gate
+# (Ray Tune, stage B) -> evaluate -> serve (Ray Serve) and send a few test images over HTTP. A fresh run name per
+# demo, so it never resumes an older one.
 RUN    := $(shell date +%Y%m%d-%H%M%S)
 demo: setup
 	$(CXR) synth $(DEMO) --overwrite
 	$(CXR) ingest $(DEMO) --overwrite
 	$(CXR) train $(DEMO) --model cnn --run-name cnn-$(RUN)
+	$(CXR) train $(DEMO) --model cnn --run-name cnn-probe-$(RUN) --set train.recipe=linear_probe --set train.epochs=4
 	$(CXR) train $(DEMO) --model vit --run-name vit-$(RUN)
 	$(CXR) tune ensemble $(DEMO)
 	$(CXR) evaluate $(DEMO)

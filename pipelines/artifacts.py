@@ -1,6 +1,8 @@
 """Where the project's artefacts live and which one is the latest: one module writes and reads them all.
 
 - ``<train.run_dir>/latest-<role>.json``: the last ``cxr train --model <role>`` (best checkpoint, metrics, MLflow run).
+  A linear probe (``train.recipe=linear_probe``) writes ``latest-<role>-probe.json`` instead, so ``latest-<role>.json``
+  always means a model trained end to end, the one tuning, serving and evaluation's ``<role>`` row use.
 - ``<export.out_dir>/latest-<role>.json``: the last ``cxr export --model <role>`` (the newest ONNX file, its sha256).
 - ``<train.run_dir>/ensemble.yaml``: the gate's weights and threshold from ``cxr tune ensemble``, read by evaluation
   and serving; without it the config's ``ensemble:`` section holds.
@@ -65,7 +67,24 @@ def tracking_uri(cfg: Config) -> str:
 # ------------------------------------------------------------------------ training and export pointers
 
 
+# Recipes whose runs are a variant of their role, recorded under their own pointer: a baseline, not the model.
+VARIANTS = {"linear_probe": "probe"}
+
+
+def training_key(role: str, recipe: str = "full") -> str:
+    """The name a training run's pointer goes by: ``<role>`` (``full``, ``two_phase``) or ``<role>-probe``."""
+    variant = VARIANTS.get(recipe)
+    return f"{role}-{variant}" if variant else role
+
+
+def _train_command(key: str) -> str:
+    role, _, variant = key.partition("-")
+    recipes = [recipe for recipe, name in VARIANTS.items() if name == variant]
+    return f"cxr train --model {role}" + (f" --set train.recipe={recipes[0]}" if recipes else "")
+
+
 def training_pointer(cfg: Config, role: str) -> Path:
+    """``role``: a role, or a key from ``training_key`` (``cnn-probe``)."""
     return Path(cfg.train.run_dir) / f"latest-{role}.json"
 
 
@@ -94,12 +113,18 @@ def latest_training(cfg: Config, role: str) -> dict[str, Any]:
     the best checkpoint (``best_checkpoint``) and its MLflow run."""
     path = training_pointer(cfg, role)
     if not path.is_file():
-        raise ArtifactNotFoundError(f"{path} not found: run `cxr train --model {role}` first or pass a checkpoint path")
+        raise ArtifactNotFoundError(f"{path} not found: run `{_train_command(role)}` first or pass a checkpoint path")
     return json.loads(path.read_text())
 
 
 def latest_checkpoint(cfg: Config, role: str) -> Path:
     return Path(latest_training(cfg, role)["best_checkpoint"])
+
+
+def latest_probes(cfg: Config, roles: tuple[str, ...] = ("cnn", "vit")) -> list[Path]:
+    """The best checkpoints of the last linear probe of each role that has one (none: an empty list)."""
+    keys = [training_key(role, "linear_probe") for role in roles]
+    return [latest_checkpoint(cfg, key) for key in keys if training_pointer(cfg, key).is_file()]
 
 
 def latest_export(cfg: Config, role: str) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""`cxr evaluate`: the CNN, the ViT, the always-fused and the gated ensemble side by side on the test split.
+"""`cxr evaluate`: the CNN, the ViT, the always-fused and the gated ensemble side by side on the test split, with a
+row per extra checkpoint: the last linear probe of each role (``latest-<role>-probe.json``) or ``--probe DIR``, a
+sanity baseline labelled by its role and recipe (``cnn linear probe``).
 
 Writes ``report.md``, ``metrics.json`` and PNG plots (ROC curves, reliability diagrams, confusion matrices, a
 grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from ``inference.py``: in this
@@ -19,7 +21,8 @@ import numpy as np
 
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.ensemble import adaptive, fuse
-from pipelines.artifacts import latest_checkpoint, load_settings
+from models.errors import CxrError
+from pipelines.artifacts import latest_checkpoint, latest_probes, load_settings
 from pipelines.cli import run_module
 from pipelines.config import Config
 from pipelines.data.shards import local_batches, shard_files
@@ -30,6 +33,45 @@ from pipelines.evaluate.report import write_report
 from pipelines.train import tracking
 
 log = logging.getLogger(__name__)
+
+
+class LabelSpaceMismatchError(CxrError, ValueError):
+    """An extra checkpoint trained on other covid classes than the CNN: its rows would not compare."""
+
+
+def checkpoint_recipe(payload: dict[str, Any]) -> str:
+    """The ``train.recipe`` a checkpoint was trained with, from its stored config (``full`` when it has none)."""
+    return ((payload.get("config") or {}).get("train") or {}).get("recipe") or "full"
+
+
+def extra_label(payload: dict[str, Any]) -> str:
+    """An extra checkpoint's row: its role and recipe, e.g. ``cnn linear probe``."""
+    return f"{payload['role']} {checkpoint_recipe(payload).replace('_', ' ')}"
+
+
+def predict_extras(
+    cfg: Config, paths: list[Path], files: list[str], classes: tuple[str, ...], tta: int = 0
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, str]]]:
+    """Predictions of extra checkpoints (linear probes) by the same path as the CNN's, keyed by row label, and
+    what each row is (checkpoint, role, recipe)."""
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    about: dict[str, dict[str, str]] = {}
+    for path in paths:
+        payload = load_checkpoint(path)
+        if tuple(payload["label_spaces"]["covid"]) != classes:
+            raise LabelSpaceMismatchError(
+                f"{path}: covid classes {payload['label_spaces']['covid']} differ from the CNN's {list(classes)}"
+            )
+        base = extra_label(payload)
+        label, n = base, 1
+        while label in preds:  # two probes of one role and recipe: "cnn linear probe (2)"
+            n += 1
+            label = f"{base} ({n})"
+        model = model_from_checkpoint(None, payload)
+        preds[label] = predict_checkpoint(cfg, path, files, tta, model)
+        about[label] = {"checkpoint": str(path), "role": payload["role"], "recipe": checkpoint_recipe(payload)}
+        log.info("extra row %r: %s", label, path)
+    return preds, about
 
 
 def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[str, Any]:
@@ -56,9 +98,11 @@ def evaluate(
     tta: int = 0,
     ensemble: Path | None = None,
     explain_per_class: int = 3,
+    extras: list[Path] | None = None,
 ) -> dict[str, Any]:
     """``ensemble``: an ensemble.yaml; by default the one `cxr tune ensemble` wrote, else the config's values.
-    ``explain_per_class``: test images per covid class and nih14 finding in the Grad-CAM grid (0: no grid)."""
+    ``explain_per_class``: test images per covid class and nih14 finding in the Grad-CAM grid (0: no grid).
+    ``extras``: more checkpoints (linear probes), one row each after the ViT's."""
     files = shard_files(cfg.data.shards_dir, "test")
     payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
     classes = tuple(payloads["cnn"]["label_spaces"]["covid"])
@@ -76,11 +120,13 @@ def evaluate(
         threshold,
         scored_heads(cnn),
     )
-    systems = {"cnn": cnn, "vit": vit, "ensemble": fused, "adaptive": {**cnn, **gated_probs}}
+    extra_preds, extra_about = predict_extras(cfg, list(extras or []), files, classes, tta)
+    systems = {"cnn": cnn, "vit": vit, **extra_preds, "ensemble": fused, "adaptive": {**cnn, **gated_probs}}
     metrics = {name: full_metrics(pred, classes) for name, pred in systems.items()}
     metrics["adaptive"]["vit_fraction"] = float(used_vit.mean())
     summary = {
         "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
+        "extras": extra_about,
         "ensemble": {"w_cnn": w, "threshold": threshold, "source": settings.source},
         "tta_passes": tta,
         "test_images": int(len(cnn["source"])),
@@ -102,7 +148,8 @@ def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:
     tracking.start_run(cfg, "evaluate", "cnn")
     try:
         for name, m in summary["systems"].items():
-            mlflow.log_metrics({f"test_{name}_{k}": v for k, v in m["headline"].items() if v == v})
+            key = name.replace(" ", "_")  # cnn linear probe -> test_cnn_linear_probe_<figure>
+            mlflow.log_metrics({f"test_{key}_{k}": v for k, v in m["headline"].items() if v == v})
         mlflow.log_metric("test_adaptive_vit_fraction", summary["systems"]["adaptive"]["vit_fraction"])
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
     finally:
@@ -115,6 +162,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--vit", type=Path, help="ViT checkpoint dir (default: best of the last `cxr train --model vit`)"
+    )
+    parser.add_argument(
+        "--probe",
+        type=Path,
+        action="append",
+        help="an extra checkpoint dir to report beside the others, labelled by its recipe; repeatable "
+        "(default: the last linear probe of each role, from latest-<role>-probe.json, where there is one)",
     )
     parser.add_argument("--out", type=Path, help="report folder (default: <train.run_dir>/evaluation)")
     parser.add_argument(
@@ -135,12 +189,14 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     cnn = args.cnn or latest_checkpoint(cfg, "cnn")
     vit = args.vit or latest_checkpoint(cfg, "vit")
     out = args.out or Path(cfg.train.run_dir) / "evaluation"
-    summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class)
-    print(f"{'system':<10}{'nih14 AUROC':>12}{'abnormal':>10}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
+    extras = args.probe if args.probe is not None else latest_probes(cfg)
+    summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class, extras)
+    width = max(10, *(len(name) + 2 for name in summary["systems"]))
+    print(f"{'system':<{width}}{'nih14 AUROC':>12}{'abnormal':>10}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
     for name, m in summary["systems"].items():
         h = m["headline"]
         print(
-            f"{name:<10}{h['nih_macro_auroc']:>12.3f}{h['nih_abnormal_auroc']:>10.3f}{h['covid_accuracy']:>11.3f}"
+            f"{name:<{width}}{h['nih_macro_auroc']:>12.3f}{h['nih_abnormal_auroc']:>10.3f}{h['covid_accuracy']:>11.3f}"
             f"{h['covid_macro_f1']:>10.3f}{m['calibration']['covid']['ece']:>11.3f}"
         )
     ens = summary["ensemble"]

@@ -1,5 +1,6 @@
 """The evaluation report: ``report.md`` with tables, and PNG plots (ROC curves, reliability diagrams,
-confusion matrices) drawn with matplotlib's non-interactive backend."""
+confusion matrices) drawn with matplotlib's non-interactive backend. Every system of the summary (the CNN, the ViT,
+extra checkpoints such as a linear probe, the fused and the gated ensemble) gets a row, a column and a panel."""
 
 from __future__ import annotations
 
@@ -73,6 +74,21 @@ def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
 
 
+def describe_extras(extras: dict[str, dict[str, str]]) -> list[str]:
+    """A paragraph per extra row (``summary["extras"]``): what the checkpoint is and where it lies."""
+    lines = []
+    for label, extra in extras.items():
+        if extra["recipe"] == "linear_probe":
+            what = (
+                f"the {extra['role'].upper()}'s linear heads trained on a frozen backbone "
+                "(`train.recipe=linear_probe`), a sanity baseline: the fine-tuned models should beat it"
+            )
+        else:
+            what = f"a {extra['role'].upper()} trained with `train.recipe={extra['recipe']}`"
+        lines += ["", f"**{label}**: {what} (`{extra['checkpoint']}`)."]
+    return lines
+
+
 def write_report(
     out: Path,
     summary: dict[str, Any],
@@ -91,6 +107,7 @@ def write_report(
         f"(from {ens.get('source', 'config')}); "
         f"test-time augmentation passes: {summary['tta_passes']}.",
         f"The adaptive gate sent **{metrics['adaptive']['vit_fraction']:.1%}** of the test images to the ViT.",
+        *describe_extras(summary.get("extras") or {}),
         "",
         "| system | nih14 macro AUROC | nih14 abnormal AUROC | covid accuracy | covid macro F1 | covid ECE "
         "| nih14 ECE |",

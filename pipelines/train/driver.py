@@ -1,7 +1,9 @@
 """`cxr train --model cnn|vit`: DDP training on Ray Train, streaming the shards with Ray Data.
 
 Running the same ``--run-name`` again continues from the run's last checkpoint. Run it as ``cxr train`` or
-``python -m pipelines.train.driver`` (e.g. under ``ray job submit``).
+``python -m pipelines.train.driver`` (e.g. under ``ray job submit``). A linear probe (``train.recipe=linear_probe``)
+is recorded as its own variant: run ``<role>-probe-<arch>`` by default, ``latest-<role>-probe.json``, registered
+model ``cxr-<role>-probe``; ``latest-<role>.json`` stays the model trained end to end.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import yaml
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines.artifacts import write_latest_training
+from pipelines.artifacts import training_key, write_latest_training
 from pipelines.cli import run_module
 from pipelines.config import Config, apply_override, config_from_dict
 from pipelines.data.shards import load_manifest
@@ -110,7 +112,8 @@ def train(cfg: Config, role: str, run_name: str | None = None) -> dict[str, Any]
     """Fit one model; returns a summary with the best checkpoint, its metrics and the MLflow run/version."""
     if role not in ROLES:
         raise ValueError(f"--model must be one of {ROLES}, got {role!r}")
-    run_name = run_name or f"{role}-{getattr(cfg.model, role).name}"
+    key = training_key(role, cfg.train.recipe)  # cnn, or cnn-probe: a probe never replaces latest-cnn.json
+    run_name = run_name or f"{key}-{getattr(cfg.model, role).name}"
     check_recipe(for_role(cfg, role), role)  # before Ray starts (build_trainer checks again, for sweeps)
     cfg = cfg.with_absolute_paths()
     tracking.ensure_experiment(cfg)
@@ -122,9 +125,10 @@ def train(cfg: Config, role: str, run_name: str | None = None) -> dict[str, Any]
     best, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_score"])
     final = result.metrics
     run_id = final["mlflow_run_id"]
-    version = tracking.publish_checkpoint(cfg, run_id, best.path, role)
+    version = tracking.publish_checkpoint(cfg, run_id, best.path, key)
     summary = {
         "role": role,
+        "recipe": cfg.train.recipe,
         "run_name": run_name,
         "run_dir": str(Path(result.path)),
         "best_checkpoint": best.path,
@@ -134,9 +138,9 @@ def train(cfg: Config, role: str, run_name: str | None = None) -> dict[str, Any]
         "resumed_from_epoch": final["resumed_from_epoch"],
         "mlflow_run_id": run_id,
         "mlflow_tracking_uri": tracking.tracking_uri(cfg),
-        "registered_model": f"cxr-{role}/{version}",
+        "registered_model": f"cxr-{key}/{version}",
     }
-    write_latest_training(cfg, role, summary)
+    write_latest_training(cfg, key, summary)
     return summary
 
 
@@ -151,7 +155,11 @@ def config_with_tune_result(cfg: Config, path: Path) -> Config:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=ROLES, required=True, help="which network to train")
-    parser.add_argument("--run-name", help="run name under train.run_dir (default: <model>-<arch>); reuse to resume")
+    parser.add_argument(
+        "--run-name",
+        help="run name under train.run_dir (default: <model>-<arch>, <model>-probe-<arch> for a linear probe); "
+        "reuse to resume",
+    )
     parser.add_argument("--from-tune", type=Path, help="best-config YAML written by `cxr tune train`")
 
 
