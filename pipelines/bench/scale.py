@@ -39,12 +39,14 @@ REAL_COUNTS = {"nih": 112_120, "covid": 21_165}
 
 
 class ResourcePeaks:
-    """Samples the driver's RSS and the object store (used, spilled) in a thread; ``peaks()`` since ``start()``."""
+    """Samples the driver's RSS (every ``every_s``) and the object store (used, spilled; every ``store_every_s``,
+    since asking the raylet costs CPU that the measured work would otherwise get) in a thread; peaks since start."""
 
-    def __init__(self, every_s: float = 0.2) -> None:
-        self.every_s = every_s
+    def __init__(self, every_s: float = 0.2, store_every_s: float = 2.0) -> None:
+        self.every_s, self.store_every = every_s, max(1, round(store_every_s / every_s))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._raylet = None
         self.rss = self.store = self.spilled = self._spilled_at_start = 0
 
     def __enter__(self) -> ResourcePeaks:
@@ -57,25 +59,33 @@ class ResourcePeaks:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._sample()
+        self._sample(store=True)
 
     def _run(self) -> None:
+        tick = 0
         while not self._stop.wait(self.every_s):
-            self._sample()
+            tick += 1
+            self._sample(store=tick % self.store_every == 0)
 
-    def _sample(self) -> None:
+    def _sample(self, store: bool) -> None:
         self.rss = max(self.rss, psutil.Process().memory_info().rss)
-        used, spilled = self._store_stats()
-        self.store, self.spilled = max(self.store, used), max(self.spilled, spilled - self._spilled_at_start)
+        if store:
+            used, spilled = self._store_stats()
+            self.store, self.spilled = max(self.store, used), max(self.spilled, spilled - self._spilled_at_start)
 
-    @staticmethod
-    def _store_stats() -> tuple[int, int]:
-        """(bytes in the object store, bytes spilled since Ray started), from the raylet (a private Ray API)."""
+    def _store_stats(self) -> tuple[int, int]:
+        """(bytes in the object store, bytes spilled since Ray started), from the raylet (a private Ray API; the
+        raylet's address is looked up once)."""
         if not ray.is_initialized():
             return 0, 0
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+        if self._raylet is None:
+            state = get_state_from_address(ray.get_runtime_context().gcs_address)
+            node = next(n for n in state.node_table() if n["Alive"])
+            self._raylet = (state, node["NodeManagerAddress"], node["NodeManagerPort"])
+        state, address, port = self._raylet
+        stats = get_memory_info_reply(state, address, port).store_stats
         return int(stats.object_store_bytes_used), int(stats.spilled_bytes_total)
 
 
@@ -131,7 +141,7 @@ def run_size(cfg: Config, images: int | None, root: Path, args: argparse.Namespa
     with ResourcePeaks() as peaks:
         manifest = ingest(sized, overwrite=True)
     total = manifest["input_files"]
-    sample = sample_files(Path(data.nih_dir), 200) + sample_files(Path(data.covid_dir), 40)
+    sample = sample_files(Path(data.nih_dir), 850) + sample_files(Path(data.covid_dir), 150)
     limit = single_process_cost(sample, data.storage_size, data.storage_format) * total / cores
     shard_bytes = sum(p.stat().st_size for p in Path(data.shards_dir).rglob("*.parquet"))
     rows.append(_row("ingest", total, manifest["seconds"], peaks, manifest=manifest, limit=limit, out=shard_bytes))

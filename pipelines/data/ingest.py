@@ -273,6 +273,7 @@ def ingest(
     decoded_files, small_columns = _decode_to_files(nih.rows + covid.rows, cfg, staging / DECODED_DIR)
     clock.lap("decode")
     decoded = small_columns.to_pylist()
+    del small_columns  # the rows hold the same values; keep one copy
     rejects = (
         nih.rejects
         + covid.rejects

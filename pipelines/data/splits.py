@@ -63,7 +63,7 @@ def _band_masks(max_distance: int) -> list[np.uint64]:
 
 
 def find_twins(
-    nih_hashes: Sequence[int], covid_hashes: Sequence[int], max_distance: int, budget: int = 1 << 23
+    nih_hashes: Sequence[int], covid_hashes: Sequence[int], max_distance: int, budget: int = 1 << 21
 ) -> list[tuple[int, int, int]]:
     """Pairs (nih index, covid index, distance) whose 64-bit hashes differ in at most ``max_distance`` bits,
     ordered by covid index, then nih index.
@@ -138,7 +138,7 @@ def confirm_twins(
     nih_thumbs: np.ndarray,
     covid_thumbs: np.ndarray,
     min_correlation: float,
-    chunk: int = 8192,
+    chunk: int = 4096,
 ) -> list[tuple[int, int, int]]:
     """The candidates whose thumbnails (one image per row) correlate at least ``min_correlation`` (Pearson: 1.0
     for copies up to brightness and contrast; a flat thumbnail correlates 0 with anything). ``chunk`` pairs at a

@@ -39,6 +39,8 @@ TINY = [
     "data.synth.odd_mode_fraction=0.3",
     "data.synth.near_duplicates=2",
     "data.synth.corrupt_files=8",
+    "data.synth.pneumonia_images=8",  # the smallest Kermany set (tests/unit/test_synth_pneumonia.py covers it)
+    "data.synth.pneumonia_image_size=[48,64]",
 ]
 NAME = re.compile(r"^images_(\d{3})/images/(\d{8})_(\d{3})\.png$")
 
