@@ -26,23 +26,9 @@ from models.labels import NIH14
 
 log = logging.getLogger(__name__)
 
-# CheXNet's output order (Rajpurkar et al. 2017; the NIH order). Rows are mapped by these names, never by position.
-CHEXNET_LABELS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+# CheXNet's output order (Rajpurkar et al. 2017) is the NIH order; rows are still mapped by name, never by position,
+# so a checkpoint in another order would only need this tuple changed.
+CHEXNET_LABELS: tuple[str, ...] = NIH14
 PREFIXES = ("module.", "densenet121.")
 CLASSIFIER_KEYS = (("classifier.0.weight", "classifier.0.bias"), ("classifier.weight", "classifier.bias"))
 STEM = "features.conv0.weight"

@@ -17,24 +17,28 @@ from tests.helpers import APP_ROUTER_QUEUE, HEADERS, deploy_schema, png, post, r
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def _reconfigure(served, gate: dict[str, float]) -> None:
+    """Redeploy with new gate settings and wait until the router reports them."""
+    served["client"].deploy_apps(deploy_schema(served["args"], served["port"], gate), _blocking=True)
+    deadline = time.monotonic() + 30
+    while True:
+        live = requests.get(served["url"] + "/v1/model", headers=HEADERS, timeout=10).json()["ensemble"]
+        if all(live[key] == value for key, value in gate.items()):
+            return
+        assert time.monotonic() < deadline, "reconfigure never reached the router"
+        time.sleep(0.2)
+
+
 def test_live_reconfigure_changes_the_gate_without_restarting_replicas(served):
     before = replica_actors()
     assert {name.split("#")[0] for name in before} == {"CNNModel", "ViTModel", "EnsembleRouter"}
     always_cnn = {"w_cnn": 0.7, "threshold": 0.0}  # confidence >= 0 always: the CNN answers alone
-    served["client"].deploy_apps(deploy_schema(served["args"], served["port"], always_cnn), _blocking=True)
-    deadline = time.monotonic() + 30
-    while requests.get(served["url"] + "/v1/model", headers=HEADERS, timeout=10).json()["ensemble"]["w_cnn"] != 0.7:
-        assert time.monotonic() < deadline, "reconfigure never reached the router"
-        time.sleep(0.2)
+    _reconfigure(served, always_cnn)
     body = post(served, data=png(seed=7)).json()
     gate = {"threshold": 0.0, "w_cnn": 0.7, "heads": ["nih14", "covid"], "escalated": False}
     assert body["models_used"] == ["cnn"] and body["gate"] == gate
     always_vit = {"w_cnn": 0.7, "threshold": 1.0}
-    served["client"].deploy_apps(deploy_schema(served["args"], served["port"], always_vit), _blocking=True)
-    deadline = time.monotonic() + 30
-    while requests.get(served["url"] + "/v1/model", headers=HEADERS, timeout=10).json()["ensemble"]["threshold"] != 1.0:
-        assert time.monotonic() < deadline, "reconfigure never reached the router"
-        time.sleep(0.2)
+    _reconfigure(served, always_vit)
     body = post(served, data=png(seed=7)).json()
     assert body["models_used"] == ["cnn", "vit"] and body["gate"]["escalated"] is True
     assert replica_actors() == before  # same replicas (names carry replica ids), same actors
