@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.errors import CxrError
-from models.labels import NIH14
+from models.labels import spaces_from_dicts
 from models.network import CxrNet
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -94,8 +94,9 @@ def save_checkpoint(
         "role": role,
         "arch": net.arch,
         "arch_options": net.options,
+        "metadata_fusion": net.uses_metadata,
         "epoch": epoch,
-        "label_spaces": {"nih14": list(NIH14), "covid": list(net.covid_classes)},
+        "label_spaces": [space.to_dict() for space in net.label_spaces],
         "preprocessing": {
             "input_size": net.input_size,
             "storage_size": (config.get("data") or {}).get("storage_size") or LEGACY_STORAGE_SIZE,
@@ -133,10 +134,22 @@ def model_from_checkpoint(directory: str | Path, payload: dict[str, Any] | None 
     model = CxrNet(
         payload["arch"],
         pre["input_size"],
-        tuple(payload["label_spaces"]["covid"]),
+        label_spaces_of(payload),
         mean=pre["mean"],
         std=pre["std"],
         options=payload.get("arch_options"),
+        metadata=bool(payload.get("metadata_fusion")),
     )
     model.load_state_dict(payload["model"])
     return model.eval()
+
+
+def label_spaces_of(meta: dict[str, Any]) -> tuple:
+    """The label spaces a checkpoint's heads were built from, in head order."""
+    spaces = meta["label_spaces"]
+    if isinstance(spaces, dict):  # written before the dataset registry (two fixed heads)
+        raise CheckpointError(
+            "this checkpoint predates the dataset registry (label_spaces is a mapping of class lists); "
+            "retrain it with this version"
+        )
+    return spaces_from_dicts(spaces)

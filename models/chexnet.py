@@ -22,17 +22,29 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from models.labels import NIH14
-
 log = logging.getLogger(__name__)
 
-# CheXNet's output order (Rajpurkar et al. 2017) is the NIH order; rows are still mapped by name, never by position,
-# so a checkpoint in another order would only need this tuple changed.
-CHEXNET_LABELS: tuple[str, ...] = NIH14
+# CheXNet's output order (Rajpurkar et al. 2017), which is NIH ChestX-ray14's; rows are mapped by name, never by
+# position, onto the model's multi-label head that has these findings.
+CHEXNET_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
 PREFIXES = ("module.", "densenet121.")
 CLASSIFIER_KEYS = (("classifier.0.weight", "classifier.0.bias"), ("classifier.weight", "classifier.bias"))
 STEM = "features.conv0.weight"
-HEAD = "nih14"
 _LEGACY_DENSE_LAYER = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(.+)$")
 
 
@@ -79,10 +91,22 @@ def to_our_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, t
         mapped["backbone." + STEM] = adapt_input_conv(in_chans, stem)
     weight_key, bias_key = classifier_keys
     names = (original.get(weight_key, _chexnet_name(weight_key)), original.get(bias_key, _chexnet_name(bias_key)))
-    weight, bias = map_classifier(renamed.get(weight_key), renamed.get(bias_key), names)
-    mapped[f"heads.{HEAD}.weight"], mapped[f"heads.{HEAD}.bias"] = weight, bias
-    log.info("CheXNet checkpoint: DenseNet-121 backbone and its 14 findings mapped onto the %s head", HEAD)
+    head = findings_head(model)
+    if head is None:
+        log.warning("CheXNet checkpoint: the model has no multi-label head over its findings; classifier not loaded")
+        return mapped
+    weight, bias = map_classifier(renamed.get(weight_key), renamed.get(bias_key), names, ours=head.classes)
+    mapped[f"heads.{head.head}.weight"], mapped[f"heads.{head.head}.bias"] = weight, bias
+    log.info("CheXNet checkpoint: DenseNet-121 backbone and its 14 findings mapped onto the %s head", head.head)
     return mapped
+
+
+def findings_head(model: nn.Module):
+    """The model's multi-label label space whose classes are all CheXNet findings (NIH's), or None."""
+    for space in getattr(model, "label_spaces", ()):
+        if space.multi_label and set(space.classes) <= set(CHEXNET_LABELS):
+            return space
+    return None
 
 
 def _check_backbone_fits(model: nn.Module, mapped: dict[str, torch.Tensor], original: dict[str, str]) -> None:
@@ -111,7 +135,7 @@ def map_classifier(
     bias: torch.Tensor | None,
     keys: tuple[str, str],
     labels: tuple[str, ...] | None = None,
-    ours: tuple[str, ...] = NIH14,
+    ours: tuple[str, ...] = CHEXNET_LABELS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier's rows for ``ours``, picked by name from its ``labels`` (default ``CHEXNET_LABELS``)."""
     labels = CHEXNET_LABELS if labels is None else labels

@@ -1,9 +1,9 @@
 """The adaptive ensemble rule, one implementation for evaluation, tuning and serving.
 
 - Fusion per head: ``p = w_cnn * p_cnn + (1 - w_cnn) * p_vit``.
-- Confidence of a prediction: for the covid head the max softmax probability; for the nih14 head the
-  confidence of its least certain finding, ``min_k max(p_k, 1 - p_k)``; a sample's confidence is the lower of
-  the heads it is scored on.
+- Confidence of a prediction: for a multi-class head the max softmax probability; for a multi-label head the
+  confidence of its least certain class, ``min_k max(p_k, 1 - p_k)`` (``LabelSpace.confidence``); a sample's
+  confidence is the lowest of the heads it is scored on.
 - Gate: the CNN answers alone when its confidence >= threshold; otherwise the ViT is consulted and fused.
 """
 
@@ -13,27 +13,25 @@ from collections.abc import Mapping
 
 import numpy as np
 
-HEADS = ("nih14", "covid")
+from models.labels import LabelSpace
+
+Spaces = Mapping[str, LabelSpace]
 
 
-def head_confidence(head: str, probs: np.ndarray) -> np.ndarray:
-    probs = np.asarray(probs)
-    if head == "nih14":
-        return np.maximum(probs, 1.0 - probs).min(axis=-1)
-    if head == "covid":
-        return probs.max(axis=-1)
-    raise KeyError(f"unknown head {head!r}; expected one of {HEADS}")
-
-
-def confidence(probs: Mapping[str, np.ndarray], scored: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+def confidence(
+    probs: Mapping[str, np.ndarray], spaces: Spaces, scored: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
     """Per-sample confidence: the lowest over the heads each sample is scored on.
 
-    ``scored`` maps head -> boolean mask of the samples scored on that head (default: every sample on every
-    head in ``probs``, as in serving, where one image is answered by both heads).
+    ``spaces`` maps each head to its label space (``models.labels.by_head``). ``scored`` maps head -> boolean mask
+    of the samples scored on that head (default: every sample on every head in ``probs``, as in serving, where one
+    image is answered by every head).
     """
     result = None
     for head, head_probs in probs.items():
-        conf = head_confidence(head, head_probs)
+        if head not in spaces:
+            raise KeyError(f"unknown head {head!r}; expected one of {', '.join(spaces)}")
+        conf = spaces[head].confidence(head_probs)
         if scored is not None:
             conf = np.where(np.asarray(scored[head], dtype=bool), conf, np.inf)
         result = conf if result is None else np.minimum(result, conf)
@@ -49,15 +47,16 @@ def fuse(p_cnn: Mapping[str, np.ndarray], p_vit: Mapping[str, np.ndarray], w_cnn
 
 
 def needs_vit(
-    p_cnn: Mapping[str, np.ndarray], threshold: float, scored: Mapping[str, np.ndarray] | None = None
+    p_cnn: Mapping[str, np.ndarray], spaces: Spaces, threshold: float, scored: Mapping[str, np.ndarray] | None = None
 ) -> np.ndarray:
     """Boolean mask of the samples whose CNN confidence is below the gate's threshold."""
-    return confidence(p_cnn, scored) < threshold
+    return confidence(p_cnn, spaces, scored) < threshold
 
 
 def adaptive(
     p_cnn: Mapping[str, np.ndarray],
     p_vit: Mapping[str, np.ndarray],
+    spaces: Spaces,
     w_cnn: float,
     threshold: float,
     scored: Mapping[str, np.ndarray] | None = None,
@@ -67,7 +66,7 @@ def adaptive(
     Returns (probabilities per head, mask of the samples that used the ViT). Serving calls ``needs_vit`` first
     and runs the ViT only on those samples, then ``fuse``; the answers are the same.
     """
-    use_vit = needs_vit(p_cnn, threshold, scored)
+    use_vit = needs_vit(p_cnn, spaces, threshold, scored)
     fused = fuse(p_cnn, p_vit, w_cnn)
     out = {}
     for head in p_cnn:

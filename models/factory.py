@@ -20,7 +20,7 @@ from timm.models import adapt_input_conv
 
 from models import chexnet
 from models.errors import CxrError
-from models.labels import COVID_CLASSES
+from models.labels import LabelSpace
 from models.network import CxrNet
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,17 @@ class PretrainedWeightsError(CxrError, ValueError):
 def build_model(
     arch: str,
     input_size: int,
-    covid_classes: tuple[str, ...] = COVID_CLASSES,
+    label_spaces: tuple[LabelSpace, ...],
     mean: float = 0.5,
     std: float = 0.25,
     drop_rate: float = 0.0,
     pretrained: str | Path | None = None,
     options: dict[str, Any] | None = None,
+    metadata: bool = False,
 ) -> CxrNet:
-    model = CxrNet(arch, input_size, covid_classes, mean=mean, std=std, drop_rate=drop_rate, options=options)
+    model = CxrNet(
+        arch, input_size, label_spaces, mean=mean, std=std, drop_rate=drop_rate, options=options, metadata=metadata
+    )
     if pretrained:
         load_pretrained(model, pretrained)
     return model

@@ -65,16 +65,17 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, ray_session) -> Path:
-    """Hand-written layouts (24 NIH patients, 8 images per COVID class) ingested once by Ray Data at 32 px, 16 rows
-    a shard: ``<root>/shards`` (returned), beside the source folders ``<root>/nih`` and ``<root>/covid``. Read-only
-    for the tests; asked for before a module deploys a Serve app, whose replicas leave Ray Data no whole CPU."""
+    """Hand-written layouts (24 NIH patients, 8 images per COVID class, 4 patients per Kermany class and split)
+    ingested once at 32 px, 16 rows a shard: ``<root>/shards`` (returned), beside the source folders ``<root>/nih``,
+    ``<root>/covid`` and ``<root>/pneumonia``. Read-only for the tests; asked for before a module deploys a Serve
+    app, whose replicas leave Ray no whole CPU."""
     from pipelines.config import load_config
     from pipelines.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("tiny-data")
     write_layouts(root, patients=24, covid_per_class=8)
     cfg = load_config(None, sets=["data.storage_size=32", "model.input_size=32", "data.rows_per_shard=16"])
-    ingest(cfg, root / "nih", root / "covid", root / "shards")
+    ingest(cfg, {source: root / source for source in ("nih", "covid", "pneumonia")}, root / "shards")
     return root / "shards"
 
 
@@ -102,7 +103,8 @@ def benchmarks_untouched():
 
 @pytest.fixture
 def handmade_predictions():
-    """Hand-made (cnn, vit) predictions for the ensemble objective and sweep, 40 NIH and 40 COVID images.
+    """Hand-made (cnn, vit) predictions for the ensemble objective and sweep, 40 NIH and 40 COVID images, in the
+    format of ``pipelines.train.steps.predict`` for a two-head model (``tests.helpers.SPACES[:2]``).
 
     40% of each dataset is 'hard': the CNN is unsure (confidence 0.5 on nih14, 0.55 on covid) and wrong on covid;
     elsewhere it is confident (>= 0.97) and right. The ViT is right everywhere with confidence 0.85-0.9.
@@ -119,9 +121,9 @@ def handmade_predictions():
     covid_label = np.arange(n_covid) % 4
     hard_nih = np.arange(n_nih) % 5 < 2
     hard_covid = np.arange(n_covid) % 5 < 2
-    source = np.r_[np.zeros(n_nih, np.int8), np.ones(n_covid, np.int8)]
+    source = np.r_[np.zeros(n_nih, np.int8), np.ones(n_covid, np.int8)]  # heads: SPACES[:2] (nih14, covid)
     labels_all = np.r_[nih_labels, np.zeros((n_covid, 14), np.float32)]
-    covid_all = np.r_[np.zeros(n_nih, np.int64), covid_label]
+    covid_all = np.r_[np.full(n_nih, -1, np.int64), covid_label]
 
     cnn_nih = np.where(hard_nih[:, None], 0.5, np.where(nih_labels > 0, 0.98, 0.02))
     vit_nih = np.where(nih_labels > 0, 0.85, 0.15)
@@ -134,8 +136,8 @@ def handmade_predictions():
     def pack(nih_probs, covid_probs):
         return {
             "source": source,
-            "nih_labels": labels_all,
-            "covid_label": covid_all,
+            "label_nih14": labels_all,
+            "label_covid": covid_all,
             "nih14": np.r_[nih_probs, np.full((n_covid, 14), 0.5)].astype(np.float32),
             "covid": np.r_[np.full((n_nih, 4), 0.25), covid_probs].astype(np.float32),
         }

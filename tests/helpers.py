@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.labels import COVID_DATASET_FOLDER, NIH14, format_nih_labels
+from pipelines.data.datasets import default_label_spaces
+from pipelines.data.datasets.covid import DATASET_FOLDER as COVID_DATASET_FOLDER
+from pipelines.data.datasets.nih import NIH14, format_nih_labels
 
 ROOT = Path(__file__).resolve().parents[1]
+SPACES = default_label_spaces()  # the registry's heads in order: nih14, covid, pneumonia
 CONFIG = ROOT / "ray_config.yaml"
 REAL_SAMPLES = ROOT.parent / "shared" / "real_samples"
 
@@ -76,13 +79,14 @@ def make_dicom(
     return buffer.getvalue()
 
 
-def tiny_checkpoint(folder: Path, role: str, arch: str, size: int = 64) -> Path:
-    """An untrained timm test model (``test_efficientnet`` / ``test_vit``) saved as our checkpoint at ``size`` px.
-    Its weights follow torch's global seed: seed first where the values matter."""
+def tiny_checkpoint(folder: Path, role: str, arch: str, size: int = 64, metadata: bool = False) -> Path:
+    """An untrained timm test model (``test_efficientnet`` / ``test_vit``) saved as our checkpoint at ``size`` px,
+    with the metadata fusion head when ``metadata``. Its weights follow torch's global seed: seed first where the
+    values matter."""
     from models.checkpoint import save_checkpoint
     from models.factory import build_model
 
-    model = build_model(arch, size)
+    model = build_model(arch, size, SPACES, metadata=metadata)
     config = {"data": {"storage_size": size}, "model": {"input_size": size}}
     return save_checkpoint(folder / role, model, role=role, epoch=0, config=config, metrics={"val_score": 0.5})
 
@@ -215,10 +219,12 @@ def _radiograph(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.clip(base + noise, 0, 1) * 255).astype(np.uint8)
 
 
-def write_layouts(root: Path, patients: int = 12, covid_per_class: int = 5, size: int = 64) -> dict:
-    """Tiny hand-written dataset folders ``root/nih`` and ``root/covid`` in the real NIH and COVID layouts, for
-    tests that must not depend on the synthetic generator: known labels, known patients, planted corrupt files
-    and one cross-dataset twin. Returns what was planted."""
+def write_layouts(
+    root: Path, patients: int = 12, covid_per_class: int = 5, size: int = 64, pneumonia_patients: int = 4
+) -> dict:
+    """Tiny hand-written dataset folders ``root/nih``, ``root/covid`` and ``root/pneumonia`` in the real NIH, COVID
+    and Kermany layouts, for tests that must not depend on the synthetic generator: known labels, known patients,
+    planted corrupt files and cross-dataset twins (NIH-COVID and COVID-pneumonia). Returns what was planted."""
     rng = np.random.default_rng(0)
     nih, archive = root / "nih", root / "nih" / "images_001" / "images"
     archive.mkdir(parents=True)
@@ -262,9 +268,17 @@ def write_layouts(root: Path, patients: int = 12, covid_per_class: int = 5, size
     (covid / "Normal" / "images" / f"Normal-{covid_per_class + 1}.png").write_bytes(
         encode_png(np.clip(twin, 0, 255).astype(np.uint8))
     )
+    pneumonia = _write_kermany(root / "pneumonia" / "chest_xray", rng, size, pneumonia_patients)
+    # A twin across the other pair: a COVID image re-encoded as a Kermany JPEG (it must follow the COVID split).
+    covid_twin = covid / "COVID" / "images" / "COVID-2.png"
+    kermany_twin = root / "pneumonia" / "chest_xray" / "train" / "PNEUMONIA" / "person900_virus_1.jpeg"
+    Image.open(covid_twin).resize((72, 72)).save(kermany_twin, quality=95)
     return {
         "nih_images": patients * 2 + 1,
         "covid_images": 4 * covid_per_class + 1,
+        "pneumonia_images": pneumonia["images"] + 2,  # and the twin and the badly named file
+        "pneumonia_bad_name": pneumonia["bad_name"],
+        "covid_pneumonia_twin": ("COVID/images/COVID-2.png", "train/PNEUMONIA/person900_virus_1.jpeg"),
         "corrupt": planted,
         "bad_label": rows[-2][0],
         "not_in_csv": "99999999_000.png",
@@ -274,26 +288,35 @@ def write_layouts(root: Path, patients: int = 12, covid_per_class: int = 5, size
 
 def write_shards(root: Path, rows_per_split: int = 12, size: int = 48) -> Path:
     """test/ and val/ parquet shards written with pyarrow (no Ray), with the columns ingest writes that the export
-    stage and ``cxr bench export`` read; half NIH, half COVID."""
+    stage and ``cxr bench export`` read, and a manifest naming the label spaces; the sources take turns."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     for index, split in enumerate(("test", "val")):
-        sources = ["nih" if i % 2 == 0 else "covid" for i in range(rows_per_split)]
+        spaces = [SPACES[i % len(SPACES)] for i in range(rows_per_split)]
         images = [np.random.default_rng(100 * index + i).integers(0, 256, (size, size), dtype=np.uint8) for i in
                   range(rows_per_split)]  # fmt: skip
+        labels = [
+            [i % 2] * len(space.classes) if space.multi_label else [i % len(space.classes)]
+            for i, space in enumerate(spaces)
+        ]
         table = pa.table(
             {
                 "image": pa.array([encode_png(pixels) for pixels in images], pa.binary()),
-                "source": sources,
-                "nih_labels": pa.array(
-                    [[i % 2, 0] * 7 if s == "nih" else None for i, s in enumerate(sources)], pa.list_(pa.int64())
+                "source": [space.source for space in spaces],
+                "labels": pa.array(labels, pa.list_(pa.int64())),
+                "age": pa.array(
+                    [40 + i if space.source == "nih" else None for i, space in enumerate(spaces)], pa.int64()
                 ),
-                "covid_label": pa.array([i % 4 if s == "covid" else None for i, s in enumerate(sources)], pa.int64()),
+                "sex": ["F" if space.source == "nih" else None for space in spaces],
+                "view_position": ["PA" if space.source == "nih" else None for space in spaces],
             }
         )
         (root / split).mkdir(parents=True, exist_ok=True)
         pq.write_table(table, root / split / "part-0.parquet")
+    (root / "manifest.json").write_text(json.dumps({"label_spaces": [space.to_dict() for space in SPACES]}))
     return root
 
 
@@ -341,3 +364,28 @@ class RecordingMetrics:
 
     def cache_error(self, store: str, operation: str) -> None:
         self.calls.append(("error", store, operation))
+
+
+def _write_kermany(dataset: Path, rng: np.random.Generator, size: int, patients: int) -> dict:
+    """``chest_xray/{train,test}/{NORMAL,PNEUMONIA}`` with ``patients`` normal studies, bacterial and viral patients
+    per split (two images each, one RGB), and one PNEUMONIA file whose name carries no class (a reject)."""
+    images = 0
+    for split_index, split in enumerate(("train", "test")):
+        for kind in ("normal", "bacteria", "virus"):
+            folder = dataset / split / ("NORMAL" if kind == "normal" else "PNEUMONIA")
+            folder.mkdir(parents=True, exist_ok=True)
+            for patient in range(1, patients + 1):
+                number = 100 * split_index + patient
+                for image in range(2):
+                    name = (
+                        f"IM-{number:04d}-{image + 1:04d}.jpeg"
+                        if kind == "normal"
+                        else f"person{number}_{kind}_{image}.jpeg"
+                    )
+                    pixels = _radiograph(rng, size + 8 * image)
+                    picture = Image.fromarray(pixels).convert("RGB" if image else "L")
+                    picture.save(folder / name, quality=90)
+                    images += 1
+    bad_name = "train/PNEUMONIA/scan_0001.jpeg"
+    Image.fromarray(_radiograph(rng, size)).save(dataset / bad_name, quality=90)
+    return {"images": images, "bad_name": bad_name}

@@ -89,7 +89,7 @@ class SynthConfig(Strict):
                 f"max_images_per_patient ({self.nih_patients * self.max_images_per_patient})"
             )
         if self.covid_class_counts is not None:
-            from models.labels import COVID_CLASSES
+            from pipelines.data.datasets.covid import COVID_CLASSES
 
             if set(self.covid_class_counts) != set(COVID_CLASSES) or min(self.covid_class_counts.values()) < 1:
                 raise ValueError(f"covid_class_counts needs a count >= 1 for each of {', '.join(COVID_CLASSES)}")

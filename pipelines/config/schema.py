@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.config.base import ConfigError, Strict
 from pipelines.config.data import AugmentConfig, DataConfig, SynthConfig
@@ -30,6 +30,9 @@ class ArchConfig(Strict):
     epochs: int | None = Field(None, ge=1)
     # Extra keyword arguments for timm.create_model, e.g. {patch_size: 8} for a ViT on small inputs.
     options: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    # the fusion head: the heads also read an embedding of age, sex and view position (models/metadata.py; rows and
+    # requests without them use "missing" indicators)
+    metadata: bool = False
 
 
 class ModelConfig(Strict):
@@ -103,8 +106,18 @@ class EnsembleTuneConfig(Strict):
     num_samples: int = Field(200, ge=1)
     objective: Literal["constrained", "tradeoff"] = "constrained"
     max_vit_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    nih_weight: float = Field(0.5, ge=0.0, le=1.0)  # quality = nih_weight * AUROC + (1 - nih_weight) * F1
+    # quality = weighted mean over heads of each head's main figure (macro AUROC multi-label, macro F1 multi-class);
+    # a head not named here weighs 1.0, so by default every head counts the same (as in the training score)
+    head_weights: dict[str, float] = {}
     vit_cost: float = Field(0.1, ge=0.0)  # tradeoff objective: quality - vit_cost * vit_fraction
+
+    @field_validator("head_weights")
+    @classmethod
+    def _non_negative_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {head: weight for head, weight in value.items() if weight < 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0, got {bad}")
+        return value
 
 
 class TuneConfig(Strict):
@@ -195,8 +208,9 @@ class ServeConfig(Strict):
     request_timeout_s: float = Field(30.0, gt=0.0)  # one model call; past it the request gets 503
     api_key_env: str | None = None  # name of the environment variable holding the API key; None: no key
     dicom_modalities: list[str] = ["CR", "DX", "DR", "RG"]  # projection radiography only
-    finding_threshold: float = Field(0.5, ge=0.0, le=1.0)  # nih14 findings reported above this probability ...
-    finding_thresholds: dict[str, float] = {}  # ... or above a per-finding value given here
+    # classes of a multi-label head (NIH's findings) are reported above this probability ...
+    finding_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    finding_thresholds: dict[str, float] = {}  # ... or above a per-class value given here
     access_log: bool = False  # Serve's per-request access log lines; off, they cost CPU on small machines
     router: RouterConfig = RouterConfig()
     cache: CacheConfig = CacheConfig()
@@ -205,11 +219,12 @@ class ServeConfig(Strict):
 
     @model_validator(mode="after")
     def _known_findings(self) -> ServeConfig:
-        from models.labels import NIH14  # models/ imports no config, so no cycle; kept local to stay light
+        from pipelines.data.datasets import default_label_spaces  # the registry reads no config: no cycle
 
-        unknown = sorted(set(self.finding_thresholds) - set(NIH14))
+        known = [name for space in default_label_spaces() if space.multi_label for name in space.classes]
+        unknown = sorted(set(self.finding_thresholds) - set(known))
         if unknown:
-            raise ValueError(f"finding_thresholds: unknown findings {unknown}; known: {list(NIH14)}")
+            raise ValueError(f"finding_thresholds: unknown findings {unknown}; known: {known}")
         bad = {k: v for k, v in self.finding_thresholds.items() if not 0.0 <= v <= 1.0}
         if bad:
             raise ValueError(f"finding_thresholds: values must be in [0, 1], got {bad}")

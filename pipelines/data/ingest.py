@@ -32,6 +32,8 @@ import ray
 
 from pipelines.cli import run_module
 from pipelines.config import Config
+from pipelines.data.datasets import DATASETS, Dataset, DatasetLayoutError, Listing
+from pipelines.data.datasets.base import write_rejects
 from pipelines.data.imaging import (
     ImageDecodeError,
     decode_gray,
@@ -40,9 +42,8 @@ from pipelines.data.imaging import (
     resize_square,
     thumbnail,
 )
-from pipelines.data.layouts import Listing, list_covid, list_nih, write_rejects
 from pipelines.data.manifest import build_manifest, summary_table
-from pipelines.data.splits import SPLITS, confirm_twins, covid_splits, find_twins, nih_splits, place_twins
+from pipelines.data.splits import SPLITS, confirm_twins, find_twins, place_twins
 from pipelines.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def _decode_to_files(rows: list[dict[str, Any]], cfg: Config, folder: Path) -> t
     """
     order = np.random.default_rng(cfg.data.split_seed).permutation(len(rows))  # mix sources and classes in files
     items = [rows[i] for i in order]
-    schema = pa.Table.from_pylist(items).schema  # one schema, so a chunk of only COVID rows still types nih_labels
+    schema = pa.Table.from_pylist(items).schema  # one schema for every chunk, whatever sources it holds
     # At least 4 tasks a CPU, so that no core idles at the end while one long task finishes.
     per_task = max(1, min(cfg.data.decode_files_per_task, math.ceil(len(items) / (4 * _cluster_cpus()))))
     folder.mkdir(parents=True)
@@ -219,76 +220,100 @@ class _PhaseClock:
         return time.monotonic() - self.started
 
 
+def _twins_between(
+    kept: list[dict[str, Any]], moved: list[dict[str, Any]], cfg: Config
+) -> tuple[list[tuple[int, int, int]], int]:
+    """Confirmed twins (kept index, moved index, distance) between two datasets' rows, and the hash candidates."""
+    candidates = find_twins([r["phash"] for r in kept], [r["phash"] for r in moved], cfg.data.dedup_max_distance)
+    return confirm_twins(candidates, _thumbs(kept), _thumbs(moved), cfg.data.dedup_min_correlation), len(candidates)
+
+
 def _assign_splits(
-    decoded: list[dict[str, Any]], nih: Listing, covid: Listing, cfg: Config, clock: _PhaseClock
+    decoded: list[dict[str, Any]], datasets: list[Dataset], cfg: Config, clock: _PhaseClock
 ) -> tuple[dict[str, str], list[dict[str, Any]], int]:
-    """Split decoded rows, then pull each COVID image that twins an NIH image into the NIH image's split."""
+    """Split each dataset's decoded rows by its own rule, then, for every pair of datasets, pull each image of the
+    later one that twins an image of the earlier one into that image's split. Keys are ``<source>/<relpath>``."""
     ok = [r for r in decoded if r["error_reason"] is None]
-    nih_rows = [r for r in ok if r["source"] == "nih"]
-    covid_rows = [r for r in ok if r["source"] == "covid"]
-    nih_split = nih_splits(nih_rows, cfg.data.val_fraction, cfg.data.split_seed)
-    covid_split = covid_splits(
-        covid_rows, cfg.data.covid_val_fraction, cfg.data.covid_test_fraction, cfg.data.split_seed
-    )
+    rows = {d.source: [r for r in ok if r["source"] == d.source] for d in datasets}
+    split_of = {d.source: d.assign_splits(rows[d.source], cfg.data) for d in datasets}
     clock.lap("split")
-    candidates = find_twins(
-        [r["phash"] for r in nih_rows], [r["phash"] for r in covid_rows], cfg.data.dedup_max_distance
-    )
-    twins = confirm_twins(candidates, _thumbs(nih_rows), _thumbs(covid_rows), cfg.data.dedup_min_correlation)
-    pairs = [(nih_rows[i]["relpath"], covid_rows[j]["relpath"]) for i, j, _ in twins]
-    moved = place_twins(nih_split, covid_split, pairs)
+    records, candidates, moved = [], 0, 0
+    for i, first in enumerate(datasets):
+        for second in datasets[i + 1 :]:
+            kept, later = rows[first.source], rows[second.source]
+            twins, found = _twins_between(kept, later, cfg)
+            candidates += found
+            pairs = [(kept[k]["relpath"], later[m]["relpath"]) for k, m, _ in twins]
+            moved += len(place_twins(split_of[first.source], split_of[second.source], pairs))
+            records += [
+                {
+                    "kept_source": first.source,
+                    "kept": kept[k]["relpath"],
+                    "moved_source": second.source,
+                    "moved": later[m]["relpath"],
+                    "distance": d,
+                    "split": split_of[first.source][kept[k]["relpath"]],
+                }
+                for k, m, d in twins
+            ]
     clock.lap("twins")
-    twin_records = [
-        {
-            "nih": nih_rows[i]["relpath"],
-            "covid": covid_rows[j]["relpath"],
-            "distance": d,
-            "split": nih_split[nih_rows[i]["relpath"]],
-        }
-        for i, j, d in twins
-    ]
     log.info(
-        "%d twin candidates by hash, %d confirmed; moved %d COVID images into their twin's split",
-        len(candidates), len(twins), len(moved),
+        "%d twin candidates by hash, %d confirmed; moved %d images into their twin's split",
+        candidates, len(records), moved,
     )  # fmt: skip
-    split_by_key = {f"nih/{k}": v for k, v in nih_split.items()} | {f"covid/{k}": v for k, v in covid_split.items()}
-    return split_by_key, twin_records, len(candidates)
+    split_by_key = {
+        f"{source}/{relpath}": split for source, splits in split_of.items() for relpath, split in splits.items()
+    }
+    return split_by_key, records, candidates
+
+
+def _list_datasets(cfg: Config, roots: dict[str, Path | None]) -> list[Listing]:
+    """Every registered dataset's listing. A root given on the command line must exist; a dataset's configured
+    root must too, unless the dataset is optional, in which case a missing folder skips it (with a log line)."""
+    listings = []
+    for source, dataset in DATASETS.items():
+        given = roots.get(source)
+        root = Path(given or dataset.root(cfg.data))
+        if given is None and not dataset.required and not root.exists():
+            log.info("%s: no folder at %s (data.%s_dir); ingesting without it", dataset.title, root, source)
+            continue
+        listings.append(dataset.list_files(root))
+    if not listings:
+        raise DatasetLayoutError("no dataset to ingest")
+    return listings
 
 
 def ingest(
     cfg: Config,
-    nih_dir: Path | None = None,
-    covid_dir: Path | None = None,
+    roots: dict[str, Path | None] | None = None,
     out: Path | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole ingest; returns the manifest that is also written to ``<out>/manifest.json``."""
-    nih_dir, covid_dir = Path(nih_dir or cfg.data.nih_dir), Path(covid_dir or cfg.data.covid_dir)
+    """Run the whole ingest; returns the manifest that is also written to ``<out>/manifest.json``.
+
+    ``roots`` maps a dataset's source name to its folder, overriding the config (``--nih``, ``--covid``, ...)."""
     out = Path(out or cfg.data.shards_dir)
     clock = _PhaseClock()
-    nih, covid = list_nih(nih_dir), list_covid(covid_dir)
+    listings = _list_datasets(cfg, roots or {})
+    datasets = [DATASETS[listing.source] for listing in listings]
     staging = _prepare_output(out, overwrite)
     clock.lap("listing")
     ensure_ray(cfg)
-    decoded_files, small_columns = _decode_to_files(nih.rows + covid.rows, cfg, staging / DECODED_DIR)
+    decoded_files, small_columns = _decode_to_files([r for x in listings for r in x.rows], cfg, staging / DECODED_DIR)
     clock.lap("decode")
     decoded = small_columns.to_pylist()
     del small_columns  # the rows hold the same values; keep one copy
-    rejects = (
-        nih.rejects
-        + covid.rejects
-        + [
-            {"source": r["source"], "relpath": r["relpath"], "reason": r["error_reason"], "detail": r["error_detail"]}
-            for r in decoded
-            if r["error_reason"] is not None
-        ]
-    )
-    split_by_key, twins, candidates = _assign_splits(decoded, nih, covid, cfg, clock)
+    rejects = [r for listing in listings for r in listing.rejects] + [
+        {"source": r["source"], "relpath": r["relpath"], "reason": r["error_reason"], "detail": r["error_detail"]}
+        for r in decoded
+        if r["error_reason"] is not None
+    ]
+    split_by_key, twins, candidates = _assign_splits(decoded, datasets, cfg, clock)
     _write_splits(decoded_files, staging, split_by_key, cfg)
     shutil.rmtree(staging / DECODED_DIR)
     clock.lap("write")
     rows = [r | {"split": split_by_key[f"{r['source']}/{r['relpath']}"]} for r in decoded if r["error_reason"] is None]
-    manifest = build_manifest(cfg, rows, rejects, twins, nih, covid, inputs={"nih": nih_dir, "covid": covid_dir})
+    manifest = build_manifest(cfg, rows, rejects, twins, listings)
     manifest["seconds"] = round(clock.total(), 1)
     manifest["phase_seconds"] = clock.phases
     manifest["twin_candidates"] = candidates
@@ -301,14 +326,18 @@ def ingest(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nih", type=Path, help="NIH ChestX-ray14 root (default: data.nih_dir)")
-    parser.add_argument("--covid", type=Path, help="COVID-19 Radiography Database root (default: data.covid_dir)")
+    for source, dataset in DATASETS.items():
+        parser.add_argument(
+            dataset.cli_flag or f"--{source}", dest=f"root_{source}", type=Path, metavar="DIR",
+            help=f"{dataset.title} root (default: data.{source}_dir)",
+        )  # fmt: skip
     parser.add_argument("--out", type=Path, help="output folder for shards (default: data.shards_dir)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    manifest = ingest(cfg, args.nih, args.covid, args.out, args.overwrite)
+    roots = {source: getattr(args, f"root_{source}") for source in DATASETS}
+    manifest = ingest(cfg, roots, args.out, args.overwrite)
     print(summary_table(manifest))
     return 0
 

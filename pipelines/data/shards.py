@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import torch
 
 from models.errors import CxrError
+from models.labels import LabelSpace, spaces_from_dicts
 from pipelines.config import Config
 from pipelines.data.transforms import TransformSpec, preprocess_table
 
-SHARD_COLUMNS = ["image", "source", "nih_labels", "covid_label"]
+SHARD_COLUMNS = ["image", "source", "labels", "age", "sex", "view_position"]
 
 
 class ShardsNotFoundError(CxrError, FileNotFoundError):
@@ -33,6 +34,17 @@ def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ShardsNotFoundError(f"{path} not found: run `cxr ingest` to write shards to {shards_dir}")
     return json.loads(path.read_text())
+
+
+def manifest_label_spaces(shards_dir: str | Path) -> tuple[LabelSpace, ...]:
+    """The label spaces of the datasets these shards hold, in head order: the heads a model trained on them gets."""
+    manifest = load_manifest(shards_dir)
+    spaces = manifest.get("label_spaces")
+    if not isinstance(spaces, list):
+        raise ShardsNotFoundError(
+            f"{shards_dir}/manifest.json predates the dataset registry (no label_spaces list): run `cxr ingest` again"
+        )
+    return spaces_from_dicts(spaces)
 
 
 def shard_files(shards_dir: str | Path, split: str) -> list[str]:
@@ -48,7 +60,11 @@ def local_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The same preprocessing in this process, in shard order, without Ray: evaluation (whose TTA passes must
     line up row by row), export's parity batches and the single-process baseline of ``cxr bench data``."""
-    spec = transform if isinstance(transform, TransformSpec) else TransformSpec.from_config(transform)
+    if isinstance(transform, TransformSpec):
+        spec = transform
+    else:  # the heads are those of the shards' manifest (<shards_dir>/<split>/<file>.parquet)
+        spaces = manifest_label_spaces(Path(files[0]).parent.parent) if files else ()
+        spec = TransformSpec.from_config(transform, spaces)
     for file in files:
         for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=SHARD_COLUMNS):
             arrays = preprocess_table(pa.Table.from_batches([record_batch]), spec, train)

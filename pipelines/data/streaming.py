@@ -1,5 +1,5 @@
 """Streaming shards into training: Ray Datasets per split that decode and augment on the cluster's CPUs,
-and iterators of torch batches with the source of each sample and both label sets.
+and iterators of torch batches with the source of each sample and every head's labels.
 
 ``split_datasets(cfg)`` is what ``TorchTrainer(datasets=...)`` receives; each worker then iterates its own
 shard with ``iter_training_batches(ray.train.get_dataset_shard("train"), ...)``.
@@ -17,11 +17,9 @@ import ray
 import torch
 
 from pipelines.config import Config
-from pipelines.data.shards import SHARD_COLUMNS, load_manifest, shard_files
+from pipelines.data.shards import SHARD_COLUMNS, load_manifest, manifest_label_spaces, shard_files
 from pipelines.data.splits import SPLITS
 from pipelines.data.transforms import TransformSpec, preprocess_table
-
-BATCH_DTYPES = {"image": torch.uint8, "source": torch.int64, "nih_labels": torch.float32, "covid_label": torch.int64}
 
 
 def configure_data_context() -> None:
@@ -75,11 +73,13 @@ def preprocessed_split(
     train = split == "train" if train is None else train
     # A new file order every pass (rows were shuffled across files at ingest); a local shuffle buffer in
     # ``iter_training_batches`` mixes within files.
-    ds = read_split(shards_dir or cfg.data.shards_dir, split, shuffle_files=train, repeat=repeat)
+    shards_dir = shards_dir or cfg.data.shards_dir
+    ds = read_split(shards_dir, split, shuffle_files=train, repeat=repeat)
     chunk_rows = batch_size or cfg.train.batch_size
+    spec = TransformSpec.from_config(cfg, manifest_label_spaces(shards_dir))
     return ds.map_batches(
         preprocess_chunks,
-        fn_kwargs={"spec": TransformSpec.from_config(cfg), "train": train, "chunk_rows": chunk_rows},
+        fn_kwargs={"spec": spec, "train": train, "chunk_rows": chunk_rows},
         batch_format="pyarrow",
         batch_size=None,
     )
@@ -100,11 +100,12 @@ def iter_training_batches(
     drop_last: bool = False,
     prefetch_batches: int = 2,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Torch batches: ``image [B,1,H,W] uint8`` (models normalise on their device), ``source [B]`` (0 nih,
-    1 covid), ``nih_labels [B,14]`` (zeros on COVID rows) and ``covid_label [B]`` (-1 on NIH rows)."""
+    """Torch batches: ``image [B,1,H,W] uint8`` (models normalise on their device), ``source [B]`` (the index of
+    the row's head) and per head ``label_<head>`` (``models.labels.label_key``: float ``[B,K]`` 0/1 for a
+    multi-label head, int64 ``[B]`` class indices for a multi-class one, filled on other sources' rows); the numpy
+    dtypes of ``preprocess_table`` carry over."""
     return ds.iter_torch_batches(
         batch_size=batch_size,
-        dtypes=BATCH_DTYPES,
         device=device,
         local_shuffle_buffer_size=shuffle_buffer,
         drop_last=drop_last,

@@ -16,21 +16,21 @@ import albumentations as A
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from models.labels import NIH14
+from models import metadata as patient_metadata
+from models.labels import LabelSpace, label_key
 from pipelines.config import Config
 from pipelines.data.imaging import decode_stored
-
-SOURCE_IDS = {"nih": 0, "covid": 1}
 
 
 @dataclass(frozen=True)
 class TransformSpec:
-    """What the transforms depend on: the model's input size and the augmentation settings. Small, hashable and
-    picklable: it is what Ray ships to every ``map_batches`` task, and the key of the per-process transform cache."""
+    """What the transforms depend on: the model's input size, the augmentation settings and the label spaces of
+    the model's heads (in head order; the labels each batch carries). Small, hashable and picklable: it is what Ray
+    ships to every ``map_batches`` task, and the key of the per-process transform cache."""
 
     input_size: int
+    label_spaces: tuple[LabelSpace, ...] = ()
     rotate_limit: float = 0.0
     scale_limit: float = 0.0
     brightness_limit: float = 0.0
@@ -38,8 +38,8 @@ class TransformSpec:
     clahe: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Config) -> TransformSpec:
-        return cls(cfg.model.input_size, **cfg.data.augment.model_dump())
+    def from_config(cls, cfg: Config, label_spaces: tuple[LabelSpace, ...] = ()) -> TransformSpec:
+        return cls(cfg.model.input_size, tuple(label_spaces), **cfg.data.augment.model_dump())
 
 
 def build_transform(spec: TransformSpec, train: bool) -> A.Compose:
@@ -71,25 +71,47 @@ def transform_images(images: Sequence[np.ndarray], transform: A.Compose) -> np.n
     return np.stack([transform(image=image)["image"] for image in images])[:, None, :, :]
 
 
-def labels_from_table(table: pa.Table) -> dict[str, np.ndarray]:
-    """Both label sets with the source of each row; labels a row's source does not have are filled, not faked.
+def labels_from_table(table: pa.Table, spaces: tuple[LabelSpace, ...]) -> dict[str, np.ndarray]:
+    """Each row's ``source`` as its index into ``spaces`` and, per head, the labels in ``label_key(head)``.
 
-    ``nih_labels`` is zeros on COVID rows and ``covid_label`` is -1 on NIH rows; losses mask by ``source``.
+    A row's labels fill its own head only: the others get zeros (multi-label) or -1 (multi-class), filled, not
+    faked; the losses and metrics mask by ``source``. A row of a source no head is for fails here, by name.
     """
-    n = table.num_rows
-    source = np.array([SOURCE_IDS[s] for s in table.column("source").to_pylist()], dtype=np.int64)
-    nih = np.zeros((n, len(NIH14)), dtype=np.float32)
-    nih_column = table.column("nih_labels").combine_chunks()
-    present = ~nih_column.is_null().to_numpy(zero_copy_only=False)
-    if present.any():
-        values = pc.list_flatten(nih_column).to_numpy(zero_copy_only=False)
-        nih[present] = values.reshape(-1, len(NIH14))
-    covid = pc.fill_null(table.column("covid_label"), -1).to_numpy().astype(np.int64)
-    return {"source": source, "nih_labels": nih, "covid_label": covid}
+    index_of = {space.source: i for i, space in enumerate(spaces)}
+    names = table.column("source").to_pylist()
+    unknown = sorted(set(names) - set(index_of))
+    if unknown:
+        raise ValueError(f"shard rows of source {unknown} but the model's heads are for {list(index_of)}")
+    source = np.array([index_of[name] for name in names], dtype=np.int64)
+    labels = table.column("labels").to_pylist()
+    out = {"source": source}
+    for i, space in enumerate(spaces):
+        rows = np.flatnonzero(source == i)
+        if space.multi_label:
+            values = np.zeros((len(names), len(space.classes)), dtype=np.float32)
+            if len(rows):
+                values[rows] = np.asarray([labels[r] for r in rows], dtype=np.float32)
+        else:
+            values = np.full(len(names), -1, dtype=np.int64)
+            values[rows] = [labels[r][0] for r in rows]
+        out[label_key(space.head)] = values
+    return out
 
 
 def preprocess_table(table: pa.Table, spec: TransformSpec, train: bool) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: shard rows (stored image bytes + labels) -> model-ready numpy arrays."""
     transform = _cached_transform(spec, train)
     images = [decode_stored(data) for data in table.column("image").to_pylist()]
-    return {"image": transform_images(images, transform), **labels_from_table(table)}
+    arrays = {"image": transform_images(images, transform)}
+    if spec.label_spaces:
+        arrays |= labels_from_table(table, spec.label_spaces)
+        arrays["metadata"] = metadata_from_table(table)
+    return arrays
+
+
+def metadata_from_table(table: pa.Table) -> np.ndarray:
+    """``[N, F]`` float32 patient metadata for the fusion head (``models/metadata.py``); absent columns and null
+    cells (COVID and pneumonia rows) count as missing."""
+    columns = [table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+               for name in ("age", "sex", "view_position")]  # fmt: skip
+    return patient_metadata.encode_rows(*columns)

@@ -41,11 +41,10 @@ def resolve_use_gpu(setting: str | bool) -> bool:
 
 def _dataset_info(manifest: dict[str, Any]) -> dict[str, Any]:
     """What workers need from the ingest manifest, as a small plain dict."""
-    images = manifest["images"]
     return {
-        "covid_classes": manifest["label_spaces"]["covid"],
-        "positive_weights": manifest["positive_weights"],
-        "train_rows": images["nih"]["train"] + images["covid"]["train"],
+        "label_spaces": manifest["label_spaces"],  # the heads, in order (LabelSpace.to_dict each)
+        "positive_weights": manifest["positive_weights"],  # per multi-label head, per class
+        "train_rows": sum(per_split["train"] for per_split in manifest["images"].values()),
     }
 
 

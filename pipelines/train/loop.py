@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from models.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from models.factory import build_model
-from models.labels import NIH14
+from models.labels import spaces_from_dicts
 from pipelines.config import Config, config_from_dict
 from pipelines.data.streaming import iter_training_batches
 from pipelines.evaluate.metrics import headline
@@ -47,11 +47,20 @@ def _gather(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts if len(p[k])]) for k in predictions}
 
 
+def _val_line(val: dict[str, float], heads: list[str]) -> str:
+    """Per-epoch validation figures by head: ``nih14 macro_auroc 0.612 abnormal_auroc 0.701 | covid ... | score``."""
+    groups = []
+    for head in heads:
+        figures = {k.removeprefix(f"{head}_"): v for k, v in val.items() if k.startswith(f"{head}_")}
+        groups.append(head + " " + " ".join(f"{name} {value:.3f}" for name, value in figures.items()))
+    return " | ".join(groups + [f"score {val['score']:.3f}"])
+
+
 def _build(cfg: Config, role: str, info: dict[str, Any], steps_per_epoch: int):
     arch = getattr(cfg.model, role)
     model = build_model(
-        arch.name, cfg.model.input_size, tuple(info["covid_classes"]), cfg.model.mean, cfg.model.std,
-        arch.drop_rate, arch.pretrained, arch.options,
+        arch.name, cfg.model.input_size, spaces_from_dicts(info["label_spaces"]), cfg.model.mean, cfg.model.std,
+        arch.drop_rate, arch.pretrained, arch.options, arch.metadata,
     )  # fmt: skip
     groups = recipes.param_groups(model, cfg.train.lr, cfg.train.backbone_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -100,7 +109,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     phase = None  # wrapped for the phase of the first epoch below (a resumed run: the phase it stopped in)
     dtype = amp_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    pos_weight = torch.tensor([info["positive_weights"][name] for name in NIH14], device=device)
+    spaces = spaces_from_dicts(info["label_spaces"])
+    pos_weights = {
+        space.head: torch.tensor([info["positive_weights"][space.head][name] for name in space.classes], device=device)
+        for space in spaces
+        if space.head in info["positive_weights"]
+    }
     if rank == 0:
         state["mlflow_run_id"] = tracking.start_run(
             cfg, loop_config["run_name"], role, state.get("mlflow_run_id"), loop_config.get("mlflow_tags")
@@ -113,11 +127,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.get_dataset_shard("train"), batch_size, device, shuffle_buffer=4 * batch_size, drop_last=True
         )
         stats = train_epoch(
-            model, train_batches, optimizer, scheduler, device, pos_weight, cfg.train.grad_clip,
+            model, train_batches, optimizer, scheduler, device, pos_weights, cfg.train.grad_clip,
             cfg.train.label_smoothing, dtype, scaler, accum, phase,
         )  # fmt: skip
         val_batches = iter_training_batches(ray.train.get_dataset_shard("val"), 2 * batch_size, device)
-        val = headline(_gather(predict(unwrap(model), val_batches, device, dtype)), tuple(info["covid_classes"]))
+        val = headline(_gather(predict(unwrap(model), val_batches, device, dtype)), spaces)
         improved = val["score"] > state["best_score"]
         state["best_score"] = max(state["best_score"], val["score"])
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
@@ -146,9 +160,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
                 tracking.log_epoch({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
                 _console().info(
-                    "[%s] epoch %d/%d  loss %.4f  val nih14 AUROC %.3f  covid acc %.3f  F1 %.3f  %.0f img/s/worker",
-                    role, epoch + 1, cfg.train.epochs, stats["loss"], val["nih_macro_auroc"], val["covid_accuracy"],
-                    val["covid_macro_f1"], stats["images_per_s"],
+                    "[%s] epoch %d/%d  loss %.4f  val %s  %.0f img/s/worker",
+                    role, epoch + 1, cfg.train.epochs, stats["loss"], _val_line(val, [s.head for s in spaces]),
+                    stats["images_per_s"],
                 )  # fmt: skip
             ray.train.report(metrics, checkpoint=checkpoint)
         if stop:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.checkpoint import unwrap
+from models.labels import label_key
 from models.losses import multitask_loss
 from pipelines.train.recipes import ALL, train_mode
 
@@ -90,7 +92,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
-    pos_weight: torch.Tensor | None = None,
+    pos_weights: dict[str, torch.Tensor] | None = None,
     grad_clip: float = 1.0,
     label_smoothing: float = 0.0,
     dtype: torch.dtype | None = None,
@@ -102,8 +104,10 @@ def train_epoch(
 
     Gradients of ``grad_accum_steps`` micro-batches are accumulated (each loss divided by that number) before one
     clipped optimizer and scheduler step; a DDP model (anything with ``no_sync``) skips the all-reduce on all but
-    the last micro-batch of a group. ``phase`` ``heads`` keeps the (frozen) backbone in eval mode."""
+    the last micro-batch of a group. ``phase`` ``heads`` keeps the (frozen) backbone in eval mode.
+    ``pos_weights``: per multi-label head, its per-class BCE positive weights."""
     train_mode(model, phase)
+    spaces = unwrap(model).label_spaces
     total_loss, images, steps, in_group, started = 0.0, 0, 0, 0, time.perf_counter()
     for batch, step in with_step_flags(batches, grad_accum_steps):
         if in_group == 0:
@@ -113,10 +117,8 @@ def train_epoch(
         skip_sync = not step and hasattr(model, "no_sync")
         with model.no_sync() if skip_sync else contextlib.nullcontext():  # forward and backward both inside
             with autocast(device, dtype):
-                logits = model(batch["image"])
-            loss, _ = multitask_loss(
-                logits, batch["source"], batch["nih_labels"], batch["covid_label"], pos_weight, label_smoothing
-            )
+                logits = model(batch["image"], batch.get("metadata"))
+            loss, _ = multitask_loss(logits, batch, spaces, pos_weights, label_smoothing)
             scaled = loss / grad_accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if step:
@@ -136,16 +138,27 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype | None = None
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    use_metadata: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Probabilities of both heads for every sample, with the labels and source: the input of every metric."""
+    """Every head's probabilities for every sample (``{head: [N, K]}``, sigmoid or softmax as its label space
+    says), with ``source`` and each head's labels (``label_<head>``, as in the batches): the input of every metric.
+
+    ``use_metadata=False`` hides the batches' patient metadata from a fusion model (every row "missing"): the same
+    rows with and without it, for evaluation's comparison. Models without the fusion head ignore it either way."""
     model.eval()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("nih14", "covid", "source", "nih_labels", "covid_label")}
+    spaces = unwrap(model).label_spaces
+    keys = [space.head for space in spaces] + ["source"] + [label_key(space.head) for space in spaces]
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     for batch in batches:
+        metadata = batch.get("metadata") if use_metadata else None
         with autocast(device, dtype):
-            logits = model(batch["image"].to(device, non_blocking=True))
-        parts["nih14"].append(torch.sigmoid(logits["nih14"].float()).cpu().numpy())
-        parts["covid"].append(torch.softmax(logits["covid"].float(), dim=1).cpu().numpy())
-        for key in ("source", "nih_labels", "covid_label"):
+            logits = model(batch["image"].to(device, non_blocking=True), metadata)
+        for space in spaces:
+            parts[space.head].append(space.probabilities(logits[space.head]).cpu().numpy())
+        for key in keys[len(spaces) :]:
             parts[key].append(batch[key].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}

@@ -95,7 +95,7 @@ def publish_checkpoint(cfg: Config, run_id: str, checkpoint_dir: str | Path, rol
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description=f"Chest X-ray {role.upper()} (two heads: nih14, covid)")
+        client.create_registered_model(name, description=f"Chest X-ray {role.upper()}, one head per dataset")
     source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
     version = client.create_model_version(name, source, run_id=run_id, tags={"checkpoint": str(checkpoint_dir)})
     return version.version

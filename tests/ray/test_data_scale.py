@@ -28,7 +28,8 @@ def test_raw_storage_ingests_the_same_pixels_and_splits_as_png(tmp_path, ray_ses
     found = {}
     for storage_format in ("png", "raw"):
         cfg = load_config(None, sets=[*sets, f"data.storage_format={storage_format}"])
-        manifest = ingest(cfg, tmp_path / "nih", tmp_path / "covid", tmp_path / storage_format)
+        roots = {source: tmp_path / source for source in ("nih", "covid", "pneumonia")}
+        manifest = ingest(cfg, roots, tmp_path / storage_format)
         assert manifest["storage"]["format"] == storage_format
         assert set(manifest["phase_seconds"]) == {"listing", "decode", "split", "twins", "write"}
         assert not (tmp_path / storage_format / "_decoded").exists()

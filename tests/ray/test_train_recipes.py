@@ -34,7 +34,8 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
 def test_two_phase_run_probes_then_fine_tunes(tiny_shards, tmp_path):
     """Epoch 0 trains the heads on the frozen backbone of a known starting point (``model.cnn.pretrained``), epoch 1
     the whole network."""
-    start = tiny_checkpoint(tmp_path / "start", "cnn", "test_efficientnet", 32) / "checkpoint.pt"
+    # with the metadata fusion head, as the demo's CNN: its encoder trains with the heads, through DDP
+    start = tiny_checkpoint(tmp_path / "start", "cnn", "test_efficientnet", 32, metadata=True) / "checkpoint.pt"
     sets = [
         f"data.shards_dir={tiny_shards}", f"train.run_dir={tmp_path / 'runs'}", "model.input_size=32",
         f"model.cnn.pretrained={start}", "train.batch_size=8", "train.epochs=2", "train.recipe=two_phase",

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.train.steps import train_epoch, warmup_cosine, with_step_flags
+from tests.helpers import SPACES
 
 CPU = torch.device("cpu")
 
@@ -24,10 +25,11 @@ class TinyNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.label_spaces = SPACES[:2]  # nih14 (14 findings) and covid (4 classes)
         self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh())
-        self.heads = nn.ModuleDict({"nih14": nn.Linear(8, 14), "covid": nn.Linear(8, 4)})
+        self.heads = nn.ModuleDict({s.head: nn.Linear(8, len(s.classes)) for s in self.label_spaces})
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         features = self.backbone(images.float() / 255.0)
         return {name: head(features) for name, head in self.heads.items()}
 
@@ -47,8 +49,8 @@ def micro_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
             {
                 "image": torch.randint(0, 256, (4, 1, 4, 4), generator=gen, dtype=torch.uint8),
                 "source": torch.tensor([0, 1, 0, 1]),
-                "nih_labels": (torch.rand(4, 14, generator=gen) < 0.3).float() * torch.tensor([1, 0, 1, 0])[:, None],
-                "covid_label": torch.tensor([-1, int(torch.randint(0, 4, (1,), generator=gen)), -1, 2]),
+                "label_nih14": (torch.rand(4, 14, generator=gen) < 0.3).float() * torch.tensor([1, 0, 1, 0])[:, None],
+                "label_covid": torch.tensor([-1, int(torch.randint(0, 4, (1,), generator=gen)), -1, 2]),
             }
         )
     return batches

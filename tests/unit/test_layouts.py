@@ -1,11 +1,14 @@
-"""Layout readers: labels and metadata from the CSV, rejects with reasons, partial downloads, clear errors."""
+"""Layout readers and the registry: labels and metadata from the CSV, rejects with reasons, partial downloads, clear
+errors; every dataset module declares one dataset, found by scanning the package."""
 
 from __future__ import annotations
 
 import pytest
 
-from models.labels import COVID_CLASSES, LabelError, format_nih_labels, parse_nih_labels
-from pipelines.data.layouts import DatasetLayoutError, list_covid, list_nih
+from models.labels import LabelError
+from pipelines.data.datasets import DATASETS, DatasetLayoutError, default_label_spaces
+from pipelines.data.datasets.covid import COVID_CLASSES, list_covid
+from pipelines.data.datasets.nih import format_nih_labels, list_nih, parse_nih_labels
 from tests.helpers import write_layouts
 
 
@@ -39,7 +42,7 @@ def test_covid_listing(tmp_path):
     assert listing.classes == COVID_CLASSES
     assert len(listing.rows) == planted["covid_images"]
     assert [r["reason"] for r in listing.rejects] == ["bad_label"]
-    assert {r["covid_label"] for r in listing.rows} == {0, 1, 2, 3}
+    assert {r["labels"][0] for r in listing.rows} == {0, 1, 2, 3}
 
 
 def test_three_class_release_has_its_own_label_space(tmp_path):
@@ -71,4 +74,25 @@ def test_real_nih_partial_download(real_samples):
     assert len(listing.rows) == 75 and not listing.rejects
     assert listing.missing_images == 112_120 - 75
     assert {r["official_split"] for r in listing.rows} == {"test"}
-    assert sum(r["nih_labels"][13] for r in listing.rows) == 2  # Hernia, per SOURCES.md
+    assert sum(r["labels"][13] for r in listing.rows) == 2  # Hernia, per SOURCES.md
+
+
+def test_registry_holds_every_dataset_module_in_rank_order():
+    assert list(DATASETS) == ["nih", "covid", "pneumonia"]
+    spaces = default_label_spaces()
+    assert [s.head for s in spaces] == ["nih14", "covid", "pneumonia"]
+    assert [s.multi_label for s in spaces] == [True, False, False]
+    assert [s.binary for s in spaces] == ["abnormal", None, "pneumonia"]
+    assert [d.required for d in DATASETS.values()] == [True, True, False]
+
+
+def test_every_listing_row_has_the_same_keys(tmp_path):
+    write_layouts(tmp_path)
+    keys = set()
+    for source, dataset in DATASETS.items():
+        listing = dataset.list_files(tmp_path / source)
+        assert listing.rows and listing.source == source
+        keys |= {tuple(sorted(row)) for row in listing.rows}
+        width = dataset.label_space.label_width()
+        assert {len(row["labels"]) for row in listing.rows} == {width}
+    assert len(keys) == 1

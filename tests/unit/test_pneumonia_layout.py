@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from models.labels import LabelError
+from pipelines.data.datasets import DatasetLayoutError
 from pipelines.data.datasets.pneumonia import (
     CLASSES,
-    binary_probability,
+    LABEL_SPACE,
     list_pneumonia,
     parse_file_name,
     pneumonia_splits,
 )
-from pipelines.data.layouts import DatasetLayoutError
 
 
 def test_real_kermany_samples_get_their_labels_and_patients(real_samples):
@@ -25,8 +25,8 @@ def test_real_kermany_samples_get_their_labels_and_patients(real_samples):
     assert len(listing.rows) == len(truth) == 50 and not listing.rejects
     subtype = {"normal": "normal", "bacteria": "bacterial", "virus": "viral"}
     for row in listing.rows:
-        assert CLASSES[row["pneumonia_label"]] == subtype[truth[row["relpath"]]["subtype"]], row["relpath"]
-    assert Counter(CLASSES[r["pneumonia_label"]] for r in listing.rows) == {"normal": 25, "bacterial": 13, "viral": 12}
+        assert CLASSES[row["labels"][0]] == subtype[truth[row["relpath"]]["subtype"]], row["relpath"]
+    assert Counter(CLASSES[r["labels"][0]] for r in listing.rows) == {"normal": 25, "bacterial": 13, "viral": 12}
     # the same grouping into patients as the sample's own table: one patient id of ours per patient of theirs
     pairs = {(r["patient_id"], truth[r["relpath"]]["patient"]) for r in listing.rows}
     assert len(pairs) == len({ours for ours, _ in pairs}) == len({theirs for _, theirs in pairs})
@@ -101,4 +101,5 @@ def test_missing_or_empty_roots_fail_with_the_path(tmp_path):
 
 def test_binary_answer_adds_the_two_pneumonia_classes():
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
-    np.testing.assert_allclose(binary_probability(probs), [0.3, 0.9])
+    np.testing.assert_allclose(LABEL_SPACE.binary_probability(probs), [0.3, 0.9])
+    assert LABEL_SPACE.binary_target(np.array([0, 1, 2])).tolist() == [False, True, True]

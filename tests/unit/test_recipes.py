@@ -16,7 +16,7 @@ from pipelines.train import recipes
 from pipelines.train.driver import for_role
 from pipelines.train.recipes import ALL, HEADS, enter_phase, param_groups, phase_for_epoch
 from pipelines.train.steps import train_epoch, warmup_cosine
-from tests.helpers import CONFIG
+from tests.helpers import CONFIG, SPACES
 
 CPU = torch.device("cpu")
 
@@ -78,7 +78,7 @@ def test_phase_schedule_is_a_function_of_the_epoch():
 
 def tiny_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return build_model("test_efficientnet", 32)  # has BatchNorm, whose running statistics must stay put
+    return build_model("test_efficientnet", 32, SPACES)  # has BatchNorm, whose running statistics must stay put
 
 
 def batches(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -86,9 +86,10 @@ def batches(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return [
         {
             "image": torch.randint(0, 256, (4, 1, 32, 32), generator=gen, dtype=torch.uint8),
-            "source": torch.tensor([0, 0, 1, 1]),
-            "nih_labels": (torch.rand(4, 14, generator=gen) < 0.3).float() * torch.tensor([1, 1, 0, 0])[:, None],
-            "covid_label": torch.tensor([-1, -1, 0, 2]),
+            "source": torch.tensor([0, 0, 1, 2]),
+            "label_nih14": (torch.rand(4, 14, generator=gen) < 0.3).float() * torch.tensor([1, 1, 0, 0])[:, None],
+            "label_covid": torch.tensor([-1, -1, 0, -1]),
+            "label_pneumonia": torch.tensor([-1, -1, -1, 2]),
         }
         for _ in range(count)
     ]

@@ -1,10 +1,13 @@
-"""Split assignment: patient-grouped NIH, stratified COVID, twins found exactly and kept together."""
+"""Split assignment: patient-grouped NIH, stratified COVID (the dataset modules' rules), twins found exactly and
+kept together."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipelines.data.splits import confirm_twins, covid_splits, find_twins, nih_splits, place_twins
+from pipelines.data.datasets.covid import covid_splits
+from pipelines.data.datasets.nih import nih_splits
+from pipelines.data.splits import confirm_twins, find_twins, place_twins
 
 
 def _nih_rows(patients: int = 200, per_patient: int = 3):
@@ -33,10 +36,10 @@ def test_nih_splits_are_patient_disjoint_and_respect_official_test():
 
 
 def test_covid_splits_are_stratified():
-    rows = [{"relpath": f"c{c}/{i}.png", "covid_label": c} for c in range(4) for i in range(100 * (c + 1))]
+    rows = [{"relpath": f"c{c}/{i}.png", "labels": [c]} for c in range(4) for i in range(100 * (c + 1))]
     split_of = covid_splits(rows, val_fraction=0.1, test_fraction=0.2, seed=0)
     for c in range(4):
-        mine = [split_of[r["relpath"]] for r in rows if r["covid_label"] == c]
+        mine = [split_of[r["relpath"]] for r in rows if r["labels"][0] == c]
         assert mine.count("test") == round(0.2 * len(mine))
         assert mine.count("val") == round(0.1 * len(mine))
 

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.labels import COVID_CLASSES, COVID_DATASET_FOLDER, NIH14, LabelError, parse_nih_labels
+from models.labels import LabelError
 from pipelines.config import SynthConfig, load_config
+from pipelines.data.datasets.covid import COVID_CLASSES
+from pipelines.data.datasets.covid import DATASET_FOLDER as COVID_DATASET_FOLDER
+from pipelines.data.datasets.nih import NIH14, parse_nih_labels
 from pipelines.data.synth import MANIFEST_NAME, labels_sampler, layouts, synthesize
 from pipelines.data.synth.__main__ import main
 from pipelines.data.synth.plan import make_plan, plan_nih

@@ -60,7 +60,7 @@ def test_the_reader_lists_the_planned_counts_without_rejects(written):
     root, manifest = written
     listing = list_pneumonia(root / "pneumonia")  # beside the NIH folder when only --nih is given
     assert not listing.rejects and len(listing.rows) == 32
-    found = Counter((row["relpath"].split("/")[0], CLASSES[row["pneumonia_label"]]) for row in listing.rows)
+    found = Counter((row["relpath"].split("/")[0], CLASSES[row["labels"][0]]) for row in listing.rows)
     assert found == Counter({(s, c): n for s, classes in COUNTS.items() for c, n in classes.items() if n})
     assert manifest["pneumonia"]["splits"] == COUNTS and manifest["pneumonia"]["dir"] == "pneumonia"
     assert json.loads((root / MANIFEST_NAME).read_text())["pneumonia"] == manifest["pneumonia"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.labels import COVID_CLASSES
 from pipelines.config import ConfigError, SynthConfig, load_config
+from pipelines.data.datasets.covid import COVID_CLASSES
 from pipelines.data.synth import synthesize
 from pipelines.data.synth.plan import make_plan
 from pipelines.data.synth.pool import pooled_image

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from models.labels import LabelError
-from pipelines.data.layouts import IMAGE_SUFFIXES, DatasetLayoutError, Listing
+from models.labels import LabelError, LabelSpace
+from pipelines.data.datasets.base import IMAGE_SUFFIXES, Dataset, DatasetLayoutError, Listing, image_row
 
 SOURCE = "pneumonia"
 CLASSES: tuple[str, ...] = ("normal", "bacterial", "viral")
+# softmax over the three; the binary normal-vs-pneumonia answer is P(bacterial) + P(viral)
+LABEL_SPACE = LabelSpace("pneumonia", SOURCE, CLASSES, multi_label=False, binary="pneumonia", negatives=("normal",))
 DATASET_FOLDER = "chest_xray"
 CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
 OFFICIAL_SPLITS = {"train": "train_val", "val": "train_val", "test": "test"}
@@ -86,19 +88,7 @@ def list_pneumonia(root: str | Path) -> Listing:
 
 
 def _row(path: Path, relpath: str, patient: str, label: int, official: str) -> dict[str, Any]:
-    return {
-        "path": str(path),
-        "relpath": relpath,
-        "source": SOURCE,
-        "patient_id": patient,
-        "official_split": official,
-        "pneumonia_label": label,
-        "view_position": None,
-        "age": None,
-        "sex": None,
-        "original_width": None,
-        "original_height": None,
-    }
+    return image_row(path, relpath, SOURCE, patient, [label], official_split=official)
 
 
 def pneumonia_splits(
@@ -116,7 +106,16 @@ def pneumonia_splits(
     return {r["relpath"]: "test" if r["official_split"] == "test" else held.get(r["patient_id"], "train") for r in rows}
 
 
-def binary_probability(probs: np.ndarray) -> np.ndarray:
-    """The derived normal-vs-pneumonia answer: P(bacterial) + P(viral) from the three softmax outputs."""
-    probs = np.asarray(probs)
-    return probs[..., CLASSES.index("bacterial")] + probs[..., CLASSES.index("viral")]
+DATASET = Dataset(
+    source=SOURCE,
+    rank=2,
+    title="Chest X-Ray Images (Pneumonia), Kermany et al.",
+    label_space=LABEL_SPACE,
+    list_files=lambda root: list_pneumonia(root),
+    # no official test in a folder of class folders alone: then val_fraction of the patients is test as well
+    assign_splits=lambda rows, data: pneumonia_splits(rows, data.val_fraction, data.val_fraction, data.split_seed),
+    root=lambda data: data.pneumonia_root,
+    required=False,
+    cli_flag="--pneumonia",
+    synth_folder=DATASET_FOLDER,
+)

@@ -19,8 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from models.labels import COVID_CLASSES, NIH14, NO_FINDING
 from pipelines.config import Config, SynthConfig
+from pipelines.data.datasets.covid import COVID_CLASSES
+from pipelines.data.datasets.nih import NIH14, NO_FINDING
 from pipelines.data.synth import kermany, layouts
 from pipelines.data.synth.kermany import PneumoniaImage
 from pipelines.data.synth.plan import CovidImage, NihImage, Plan, make_plan

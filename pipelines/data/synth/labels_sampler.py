@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.labels import COVID_CLASSES, NIH14
+from pipelines.data.datasets.covid import COVID_CLASSES
+from pipelines.data.datasets.nih import NIH14
 
 # Per-image prevalence in Data_Entry_2017_v2020.csv (112,120 images).
 NIH_REAL_PREVALENCE: dict[str, float] = {

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.labels import COVID_DATASET_FOLDER
+from pipelines.data.datasets.covid import DATASET_FOLDER as COVID_DATASET_FOLDER
 from pipelines.data.datasets.pneumonia import DATASET_FOLDER as PNEUMONIA_DATASET_FOLDER
 
 NIH_CSV_NAME = "Data_Entry_2017_v2020.csv"

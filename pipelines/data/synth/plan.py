@@ -10,8 +10,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from models.labels import COVID_CLASSES, NIH14, format_nih_labels
 from pipelines.config import SynthConfig
+from pipelines.data.datasets.covid import COVID_CLASSES
+from pipelines.data.datasets.nih import NIH14, format_nih_labels
 from pipelines.data.synth import labels_sampler, layouts
 from pipelines.data.synth.render import PLAN
 
