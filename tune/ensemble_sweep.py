@@ -1,9 +1,11 @@
 """`cxr tune ensemble` (stage B): search the fusion weight and the gate threshold with Ray Tune.
 
-The CNN's and the ViT's validation predictions are computed once (cached beside their checkpoints); each trial
-then scores one (w_cnn, threshold) point on them. The chosen point goes to ``<train.run_dir>/ensemble.yaml``,
-which evaluation and serving read, with a plot of quality against the fraction of images sent to the ViT; the
-chosen point is then reported on the test split against CNN-only and always-ensemble.
+The CNN's and the ViT's validation predictions are computed once (cached beside their checkpoints, every head of
+their label spaces); each trial then scores one (w_cnn, threshold) point on them (``tune.objective``: the weighted
+mean over heads of each head's main figure, against the ViT fraction). The chosen point goes to
+``<train.run_dir>/ensemble.yaml``, which evaluation and serving read, with a plot of quality against the fraction
+of images sent to the ViT; the chosen point is then reported on the test split against CNN-only and
+always-ensemble.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +25,12 @@ import pandas as pd
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from models.checkpoint import load_checkpoint
+from models.errors import CxrError
+from models.labels import LabelSpace
 from pipelines.artifacts import default_path, latest_checkpoint, latest_training, write_settings
 from pipelines.cli import run_module
 from pipelines.config import Config, EnsembleTuneConfig
+from pipelines.evaluate.metrics import main_key
 from pipelines.runtime import ensure_ray
 from pipelines.train import tracking
 from tune.objective import evaluate_point, reference_points
@@ -34,25 +39,32 @@ from tune.predictions import split_predictions
 
 log = logging.getLogger(__name__)
 SEARCH_SPACE = {"w_cnn": (0.0, 1.0), "threshold": (0.5, 1.0)}
+LEADING = ("objective", "quality", "vit_fraction", "feasible")  # the sweep table's first columns, then every head's
 
 
-def _score_point(config: dict[str, float], cnn, vit, classes, settings) -> dict[str, Any]:
+class HeadsMismatchError(CxrError, ValueError):
+    """The CNN and the ViT were trained on other heads: their predictions cannot be fused."""
+
+
+def _score_point(config: dict[str, float], cnn, vit, spaces, settings) -> dict[str, Any]:
     """One trial: the gated ensemble at the sampled point, on the cached validation predictions."""
-    return evaluate_point(cnn, vit, config["w_cnn"], config["threshold"], classes, settings)
+    return evaluate_point(cnn, vit, config["w_cnn"], config["threshold"], spaces, settings)
 
 
 def search(
     cnn: dict[str, np.ndarray],
     vit: dict[str, np.ndarray],
-    classes: tuple[str, ...],
+    spaces: Sequence[LabelSpace],
     settings: EnsembleTuneConfig,
     storage: Path,
     name: str = "tune-ensemble",
     seed: int = 0,
     start: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Run the sweep; one row per trial with w_cnn, threshold and the figures of ``evaluate_point``."""
-    trainable = tune.with_parameters(_score_point, cnn=cnn, vit=vit, classes=classes, settings=settings)
+    """Run the sweep; one row per trial with w_cnn, threshold and the figures of ``evaluate_point`` (every head's
+    headline figures, quality, vit_fraction, feasible, objective)."""
+    spaces = tuple(spaces)
+    trainable = tune.with_parameters(_score_point, cnn=cnn, vit=vit, spaces=spaces, settings=settings)
     space = {key: tune.uniform(low, high) for key, (low, high) in SEARCH_SPACE.items()}
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 1}),
@@ -71,9 +83,8 @@ def search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     frame = tuner.fit().get_dataframe()
     frame = frame.rename(columns={f"config/{key}": key for key in SEARCH_SPACE})
-    columns = ["w_cnn", "threshold", "objective", "quality", "vit_fraction", "feasible", "nih_macro_auroc"]
-    columns += ["covid_accuracy", "covid_macro_f1"]
-    return frame[columns].reset_index(drop=True)
+    figures = [k for k in evaluate_point(cnn, vit, 1.0, 0.0, spaces, settings) if k not in LEADING]
+    return frame[["w_cnn", "threshold", *LEADING, *figures]].reset_index(drop=True)
 
 
 def choose(frame: pd.DataFrame) -> pd.Series:
@@ -96,21 +107,20 @@ def _role_record(role: str, checkpoint: Path, cfg: Config) -> dict[str, Any]:
 
 def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: int = 0) -> dict[str, Any]:
     settings = cfg.tune.ensemble
-    classes = tuple(load_checkpoint(cnn_dir)["label_spaces"]["covid"])
-    val = {role: split_predictions(cfg, path, "val") for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
+    val, spaces = _both(cfg, cnn_dir, vit_dir, "val")
     ensure_ray(cfg)
     start = {"w_cnn": cfg.ensemble.w_cnn, "threshold": min(max(cfg.ensemble.threshold, 0.5), 1.0)}
-    frame = search(val["cnn"], val["vit"], classes, settings, out.parent / "tune", seed=seed, start=start)
+    frame = search(val["cnn"], val["vit"], spaces, settings, out.parent / "tune", seed=seed, start=start)
     best = choose(frame)
     w_cnn, threshold = float(best["w_cnn"]), float(best["threshold"])
     if not best["feasible"]:
         log.warning("no point met vit_fraction <= %.2f; writing the least infeasible", settings.max_vit_fraction)
-    test = {role: split_predictions(cfg, path, "test") for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
+    test, _ = _both(cfg, cnn_dir, vit_dir, "test")
     figures = {
-        split: reference_points(preds["cnn"], preds["vit"], w_cnn, threshold, classes, settings)
+        split: reference_points(preds["cnn"], preds["vit"], w_cnn, threshold, spaces, settings)
         for split, preds in (("validation", val), ("test", test))
     }
-    plot = plot_tradeoff(frame, best, figures["validation"], settings, out.with_name("ensemble_tradeoff.png"))
+    plot = plot_tradeoff(frame, best, figures["validation"], settings, out.with_name("ensemble_tradeoff.png"), spaces)
     write_settings(
         out,
         w_cnn,
@@ -123,7 +133,28 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
         plot=str(plot),
     )
     run_id = _log_to_mlflow(cfg, out, plot, w_cnn, threshold, figures)
-    return {"w_cnn": w_cnn, "threshold": threshold, "figures": figures, "path": out, "plot": plot, "run_id": run_id}
+    return {
+        "w_cnn": w_cnn,
+        "threshold": threshold,
+        "figures": figures,
+        "spaces": spaces,
+        "path": out,
+        "plot": plot,
+        "run_id": run_id,
+    }
+
+
+def _both(
+    cfg: Config, cnn_dir: Path, vit_dir: Path, split: str
+) -> tuple[dict[str, dict[str, np.ndarray]], tuple[LabelSpace, ...]]:
+    """Both models' cached predictions on ``split`` and their (shared) label spaces."""
+    (cnn, spaces), (vit, vit_spaces) = (split_predictions(cfg, path, split) for path in (cnn_dir, vit_dir))
+    if vit_spaces != spaces:
+        raise HeadsMismatchError(
+            f"{vit_dir}: heads {[s.head for s in vit_spaces]} (or their classes) differ from the CNN's "
+            f"{[s.head for s in spaces]} in {cnn_dir}; train both on the same shards"
+        )
+    return {"cnn": cnn, "vit": vit}, spaces
 
 
 def _plain(points: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -146,14 +177,15 @@ def _log_to_mlflow(cfg: Config, out: Path, plot: Path, w_cnn: float, threshold: 
         return run.info.run_id
 
 
-def format_table(points: dict[str, dict[str, Any]]) -> str:
-    header = f"{'':18} {'quality':>8} {'nih14 AUROC':>12} {'covid F1':>9} {'covid acc':>10} {'ViT fraction':>13}"
+def format_table(points: dict[str, dict[str, Any]], spaces: Sequence[LabelSpace]) -> str:
+    """quality, each head's main figure and the ViT fraction, a row per point."""
+    titles = {main_key(s): f"{s.head} {'AUROC' if s.multi_label else 'F1'}" for s in spaces}
+    heads = "".join(f" {t:>{len(t) + 1}}" for t in titles.values())
+    header = f"{'':18} {'quality':>8}{heads} {'ViT fraction':>13}"
     rows = [header]
     for name, p in points.items():
-        rows.append(
-            f"{name:18} {p['quality']:8.3f} {p['nih_macro_auroc']:12.3f} {p['covid_macro_f1']:9.3f} "
-            f"{p['covid_accuracy']:10.3f} {p['vit_fraction']:13.1%}"
-        )
+        cells = "".join(f" {p[key]:>{len(t) + 1}.3f}" for key, t in titles.items())
+        rows.append(f"{name:18} {p['quality']:8.3f}{cells} {p['vit_fraction']:13.1%}")
     return "\n".join(rows)
 
 
@@ -177,7 +209,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     )
     print(f"chosen: w_cnn {result['w_cnn']:.3f}, threshold {result['threshold']:.3f}  (objective: {rule})")
     for split in ("validation", "test"):
-        print(f"\n{split} split\n{format_table(result['figures'][split])}")
+        print(f"\n{split} split\n{format_table(result['figures'][split], result['spaces'])}")
     print(f"\nwritten: {result['path']}\nplot: {result['plot']}\nMLflow run: {result['run_id']}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from models.labels import LabelSpace  # noqa: E402
 from pipelines.config import EnsembleTuneConfig  # noqa: E402
+from tune.objective import quality_label  # noqa: E402
 
 
 def plot_tradeoff(
@@ -20,6 +23,7 @@ def plot_tradeoff(
     references: dict[str, dict[str, Any]],
     settings: EnsembleTuneConfig,
     path: Path,
+    spaces: Sequence[LabelSpace],
 ) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     points = ax.scatter(
@@ -36,8 +40,10 @@ def plot_tradeoff(
     if settings.objective == "constrained":
         ax.axvline(settings.max_vit_fraction, color="grey", linestyle="--", linewidth=1, label="max ViT fraction")
     ax.set_xlabel("fraction of images sent to the ViT (validation)")
-    ax.set_ylabel(f"quality: {settings.nih_weight:g} x nih14 AUROC + {1 - settings.nih_weight:g} x covid F1")
-    ax.set_title("Adaptive ensemble: quality against ViT cost")
+    ax.set_ylabel("quality (validation)")
+    # the quality's formula under the title: it names every head, too long for the axis label
+    formula = quality_label(spaces, settings.head_weights)
+    ax.set_title(f"Adaptive ensemble: quality against ViT cost\nquality: {formula}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

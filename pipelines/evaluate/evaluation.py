@@ -1,10 +1,13 @@
 """`cxr evaluate`: the CNN, the ViT, the always-fused and the gated ensemble side by side on the test split, with a
 row per extra checkpoint: the last linear probe of each role (``latest-<role>-probe.json``) or ``--probe DIR``, a
-sanity baseline labelled by its role and recipe (``cnn linear probe``).
+sanity baseline labelled by its role and recipe (``cnn linear probe``); and, for a model with the metadata fusion
+head, a row of the same model on the same rows with the metadata hidden (``cnn without metadata``).
 
-Writes ``report.md``, ``metrics.json`` and PNG plots (ROC curves, reliability diagrams, confusion matrices, a
-grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from ``inference.py``: in this
-process for small splits, as Ray Data batch inference for large ones, row for row the same.
+Every head of the checkpoint's label spaces is scored on the images of its own source (``metrics.head_metrics``,
+``metrics.head_calibration``); the adaptive gate decides each image on its own source's head, as tuning does.
+Writes ``report.md`` (a section per head), ``metrics.json`` and PNG plots (ROC curves, reliability diagrams,
+confusion matrices per head, a grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from
+``inference.py``: in this process for small splits, as Ray Data batch inference for large ones, row for row the same.
 """
 
 from __future__ import annotations
@@ -13,30 +16,43 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 
-from models.checkpoint import load_checkpoint, model_from_checkpoint
+from models.checkpoint import label_spaces_of, load_checkpoint, model_from_checkpoint
 from models.ensemble import adaptive, fuse
 from models.errors import CxrError
+from models.labels import LabelSpace, by_head
 from pipelines.artifacts import latest_checkpoint, latest_probes, load_settings
 from pipelines.cli import run_module
 from pipelines.config import Config
 from pipelines.data.shards import local_batches, shard_files
+from pipelines.data.transforms import TransformSpec
 from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
-from pipelines.evaluate.inference import predict_checkpoint
-from pipelines.evaluate.metrics import covid_metrics, expected_calibration_error, headline, nih_auroc, scored_heads
-from pipelines.evaluate.report import write_report
+from pipelines.evaluate.inference import predict_checkpoint, predict_local
+from pipelines.evaluate.metrics import head_calibration, head_metrics, headline, scored_heads
+from pipelines.evaluate.report import head_figures, write_report
 from pipelines.train import tracking
 
 log = logging.getLogger(__name__)
 
 
 class LabelSpaceMismatchError(CxrError, ValueError):
-    """An extra checkpoint trained on other covid classes than the CNN: its rows would not compare."""
+    """A checkpoint whose heads (names, classes or order) differ from the CNN's: its rows would not compare."""
+
+
+def require_spaces(path: Path, payload: dict[str, Any], spaces: tuple[LabelSpace, ...]) -> None:
+    """Fail, naming both, when a checkpoint's label spaces are not the CNN's."""
+    found = label_spaces_of(payload)
+    if found != spaces:
+        raise LabelSpaceMismatchError(
+            f"{path}: heads {[(s.head, s.classes) for s in found]} differ from the CNN's "
+            f"{[(s.head, s.classes) for s in spaces]}"
+        )
 
 
 def checkpoint_recipe(payload: dict[str, Any]) -> str:
@@ -50,7 +66,7 @@ def extra_label(payload: dict[str, Any]) -> str:
 
 
 def predict_extras(
-    cfg: Config, paths: list[Path], files: list[str], classes: tuple[str, ...], tta: int = 0
+    cfg: Config, paths: list[Path], files: list[str], spaces: tuple[LabelSpace, ...], tta: int = 0
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, str]]]:
     """Predictions of extra checkpoints (linear probes) by the same path as the CNN's, keyed by row label, and
     what each row is (checkpoint, role, recipe)."""
@@ -58,10 +74,7 @@ def predict_extras(
     about: dict[str, dict[str, str]] = {}
     for path in paths:
         payload = load_checkpoint(path)
-        if tuple(payload["label_spaces"]["covid"]) != classes:
-            raise LabelSpaceMismatchError(
-                f"{path}: covid classes {payload['label_spaces']['covid']} differ from the CNN's {list(classes)}"
-            )
+        require_spaces(path, payload, spaces)
         base = extra_label(payload)
         label, n = base, 1
         while label in preds:  # two probes of one role and recipe: "cnn linear probe (2)"
@@ -74,20 +87,26 @@ def predict_extras(
     return preds, about
 
 
-def full_metrics(pred: dict[str, np.ndarray], classes: tuple[str, ...]) -> dict[str, Any]:
-    nih, covid = pred["source"] == 0, pred["source"] == 1
-    covid_probs = pred["covid"][covid]
-    correct = covid_probs.argmax(axis=1) == pred["covid_label"][covid]
-    nih_probs, nih_labels = pred["nih14"][nih], pred["nih_labels"][nih]
+def full_metrics(pred: dict[str, np.ndarray], spaces: Sequence[LabelSpace]) -> dict[str, Any]:
+    """One system's figures: the headline (``metrics.headline``), every head's full metrics on its own source's rows
+    (``heads``, empty for a head without test rows) and its calibration (``calibration``)."""
     return {
-        "headline": headline(pred, classes),
-        "nih14": nih_auroc(nih_labels, nih_probs),
-        "covid": covid_metrics(pred["covid_label"][covid], covid_probs, classes),
-        "calibration": {
-            "covid": expected_calibration_error(covid_probs.max(axis=1), correct),
-            "nih14": expected_calibration_error(nih_probs.ravel(), nih_labels.ravel()),
-        },
+        "headline": headline(pred, spaces),
+        "heads": {space.head: head_metrics(space, pred, index) for index, space in enumerate(spaces)},
+        "calibration": {space.head: head_calibration(space, pred, index) for index, space in enumerate(spaces)},
     }
+
+
+def gated(
+    cnn: dict[str, np.ndarray], vit: dict[str, np.ndarray], spaces: Sequence[LabelSpace], w: float, threshold: float
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The adaptive ensemble's predictions (labels kept) and which images it sent to the ViT; each image is gated
+    on its own source's head, as in tuning."""
+    heads = [space.head for space in spaces]
+    probs, used_vit = adaptive(
+        {h: cnn[h] for h in heads}, {h: vit[h] for h in heads}, by_head(spaces), w, threshold, scored_heads(cnn, spaces)
+    )
+    return {**cnn, **probs}, used_vit
 
 
 def evaluate(
@@ -101,45 +120,49 @@ def evaluate(
     extras: list[Path] | None = None,
 ) -> dict[str, Any]:
     """``ensemble``: an ensemble.yaml; by default the one `cxr tune ensemble` wrote, else the config's values.
-    ``explain_per_class``: test images per covid class and nih14 finding in the Grad-CAM grid (0: no grid).
+    ``explain_per_class``: test images per class of every head in the Grad-CAM grid (0: no grid).
     ``extras``: more checkpoints (linear probes), one row each after the ViT's."""
     files = shard_files(cfg.data.shards_dir, "test")
     payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
-    classes = tuple(payloads["cnn"]["label_spaces"]["covid"])
+    spaces = label_spaces_of(payloads["cnn"])
+    require_spaces(vit_dir, payloads["vit"], spaces)
     models = {role: model_from_checkpoint(None, payload).eval() for role, payload in payloads.items()}
     checkpoints = {"cnn": cnn_dir, "vit": vit_dir}
     preds = {role: predict_checkpoint(cfg, checkpoints[role], files, tta, model) for role, model in models.items()}
     cnn, vit = preds["cnn"], preds["vit"]
     settings = load_settings(cfg, ensemble)
     w, threshold = settings.w_cnn, settings.threshold
-    fused = {**cnn, **fuse(cnn, vit, w)}
-    gated_probs, used_vit = adaptive(
-        {h: cnn[h] for h in ("nih14", "covid")},
-        {h: vit[h] for h in ("nih14", "covid")},
-        w,
-        threshold,
-        scored_heads(cnn),
-    )
-    extra_preds, extra_about = predict_extras(cfg, list(extras or []), files, classes, tta)
-    systems = {"cnn": cnn, "vit": vit, **extra_preds, "ensemble": fused, "adaptive": {**cnn, **gated_probs}}
-    metrics = {name: full_metrics(pred, classes) for name, pred in systems.items()}
-    metrics["adaptive"]["vit_fraction"] = float(used_vit.mean())
+    fused = {**cnn, **fuse({s.head: cnn[s.head] for s in spaces}, {s.head: vit[s.head] for s in spaces}, w)}
+    adaptive_pred, used_vit = gated(cnn, vit, spaces, w, threshold)
+    extra_preds, extra_about = predict_extras(cfg, list(extras or []), files, spaces, tta)
+    hidden = {
+        f"{role} without metadata": predict_local(model, cfg, files, tta, use_metadata=False)
+        for role, model in models.items()
+        if model.uses_metadata
+    }
+    systems = {"cnn": cnn, "vit": vit, **hidden, **extra_preds, "ensemble": fused, "adaptive": adaptive_pred}
+    metrics = {name: full_metrics(pred, spaces) for name, pred in systems.items()}
+    metrics["adaptive"]["vit_fraction"] = float(used_vit.mean()) if len(used_vit) else 0.0
     summary = {
         "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
         "extras": extra_about,
+        "metadata_fusion": {role: model.uses_metadata for role, model in models.items()},
         "ensemble": {"w_cnn": w, "threshold": threshold, "source": settings.source},
         "tta_passes": tta,
         "test_images": int(len(cnn["source"])),
+        "label_spaces": [space.to_dict() for space in spaces],
+        "test_images_per_head": {s.head: int((cnn["source"] == i).sum()) for i, s in enumerate(spaces)},
         "systems": metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
     grid = None
     if explain_per_class > 0:
-        examples = pick_examples(local_batches(files, cfg, False, 64), classes, explain_per_class)
-        grid = plot_explanation_grid(out, models, examples, classes)
+        spec = TransformSpec.from_config(cfg, spaces)  # the CNN's heads: ``source`` indexes ``spaces``
+        examples = pick_examples(local_batches(files, spec, False, 64), spaces, explain_per_class)
+        grid = plot_explanation_grid(out, models, examples, spaces)
         summary["explanations"] = {"grid": grid, "labels": [f"{head}:{label}" for head, label in examples]}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    write_report(out, summary, systems, classes, grid)
+    write_report(out, summary, systems, spaces, grid)
     _log_to_mlflow(cfg, out, summary)
     return summary
 
@@ -149,7 +172,8 @@ def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:
     try:
         for name, m in summary["systems"].items():
             key = name.replace(" ", "_")  # cnn linear probe -> test_cnn_linear_probe_<figure>
-            mlflow.log_metrics({f"test_{key}_{k}": v for k, v in m["headline"].items() if v == v})
+            figures = {**m["headline"], **{f"{head}_ece": cal["ece"] for head, cal in m["calibration"].items()}}
+            mlflow.log_metrics({f"test_{key}_{k}": v for k, v in figures.items() if v == v})
         mlflow.log_metric("test_adaptive_vit_fraction", summary["systems"]["adaptive"]["vit_fraction"])
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
     finally:
@@ -181,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--explain-per-class",
         type=int,
         default=3,
-        help="test images per covid class and nih14 finding in the report's Grad-CAM grid (0: none)",
+        help="test images per class of every head in the report's Grad-CAM grid (0: none)",
     )
 
 
@@ -191,14 +215,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     out = args.out or Path(cfg.train.run_dir) / "evaluation"
     extras = args.probe if args.probe is not None else latest_probes(cfg)
     summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class, extras)
-    width = max(10, *(len(name) + 2 for name in summary["systems"]))
-    print(f"{'system':<{width}}{'nih14 AUROC':>12}{'abnormal':>10}{'covid acc':>11}{'covid F1':>10}{'ECE covid':>11}")
-    for name, m in summary["systems"].items():
-        h = m["headline"]
-        print(
-            f"{name:<{width}}{h['nih_macro_auroc']:>12.3f}{h['nih_abnormal_auroc']:>10.3f}{h['covid_accuracy']:>11.3f}"
-            f"{h['covid_macro_f1']:>10.3f}{m['calibration']['covid']['ece']:>11.3f}"
-        )
+    print(format_console(summary))
     ens = summary["ensemble"]
     print(
         f"adaptive gate (w_cnn {ens['w_cnn']:.2f}, threshold {ens['threshold']:.2f}, from {ens['source']}) sent "
@@ -207,6 +224,26 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     print(f"report: {out / 'report.md'}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
     return 0
+
+
+def format_console(summary: dict[str, Any]) -> str:
+    """A table per head (the report's figures table) and the score of every system."""
+    systems = summary["systems"]
+    width = max(10, *(len(name) + 2 for name in systems))
+    lines = []
+    for space in [LabelSpace.from_dict(item) for item in summary["label_spaces"]]:
+        count = summary["test_images_per_head"][space.head]
+        lines.append(f"head {space.head} ({count} test images)")
+        figures = {name: head_figures(space, m) for name, m in systems.items()}
+        columns = list(next(iter(figures.values())))
+        sizes = {c: max(len(c), 5) + 2 for c in columns}
+        lines.append(f"{'system':<{width}}" + "".join(f"{c:>{sizes[c]}}" for c in columns))
+        for name, values in figures.items():
+            lines.append(f"{name:<{width}}" + "".join(f"{values[c]:>{sizes[c]}.3f}" for c in columns))
+        lines.append("")
+    lines.append(f"{'system':<{width}}{'score':>8}")
+    lines += [f"{name:<{width}}{m['headline']['score']:>8.3f}" for name, m in systems.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

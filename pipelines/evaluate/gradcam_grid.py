@@ -1,9 +1,10 @@
-"""The evaluation report's Grad-CAM grid: a few test images per covid class and per nih14 finding, each drawn
-with the CNN's and the ViT's map of that label (``models.explain``, the function serving uses too)."""
+"""The evaluation report's Grad-CAM grid: a few test images per class of every head (each image under its own
+source's head), each drawn with the CNN's and the ViT's map of that label (``models.explain``, the function serving
+uses too)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -13,44 +14,53 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.explain import grad_cam, overlay  # noqa: E402
-from models.labels import NIH14  # noqa: E402
+from models.labels import LabelSpace, by_head, label_key  # noqa: E402
 
 GRID_FILE = "gradcam_grid.png"
 
 
+def _row_labels(space: LabelSpace, labels: np.ndarray) -> list[str]:
+    """The classes one row carries on its head: every present class (multi-label) or its one class."""
+    if space.multi_label:
+        return [space.classes[k] for k in np.flatnonzero(labels > 0.5)]
+    return [space.classes[int(labels)]] if int(labels) >= 0 else []
+
+
 def pick_examples(
-    batches: Iterable[dict[str, np.ndarray]], classes: tuple[str, ...], per_class: int
+    batches: Iterable[dict[str, np.ndarray]], spaces: Sequence[LabelSpace], per_class: int
 ) -> dict[tuple[str, str], list[np.ndarray]]:
-    """(head, label) -> up to ``per_class`` test images [S, S] that carry the label, in split order."""
-    found: dict[tuple[str, str], list[np.ndarray]] = {("covid", name): [] for name in classes}
-    found.update({("nih14", name): [] for name in NIH14})
+    """(head, class) -> up to ``per_class`` test images [S, S] that carry the class, in split order; the batches'
+    ``source`` indexes ``spaces``. Labels no test image carries are left out."""
+    found: dict[tuple[str, str], list[np.ndarray]] = {
+        (space.head, name): [] for space in spaces for name in space.classes
+    }
     for batch in batches:
         images, sources = np.asarray(batch["image"])[:, 0], np.asarray(batch["source"])
-        nih_labels, covid_labels = np.asarray(batch["nih_labels"]), np.asarray(batch["covid_label"])
         for row, image in enumerate(images):
-            if sources[row] == 1:
-                keys = [("covid", classes[int(covid_labels[row])])]
-            else:
-                keys = [("nih14", NIH14[k]) for k in np.flatnonzero(nih_labels[row] > 0.5)]
-            for key in keys:
-                if len(found[key]) < per_class:
-                    found[key].append(image)
+            space = spaces[int(sources[row])]
+            for name in _row_labels(space, np.asarray(batch[label_key(space.head)][row])):
+                if len(found[space.head, name]) < per_class:
+                    found[space.head, name].append(image)
         if all(len(images) == per_class for images in found.values()):
             break
     return {key: images for key, images in found.items() if images}
 
 
 def plot_explanation_grid(
-    out: Path, models: dict[str, object], examples: dict[tuple[str, str], list[np.ndarray]], classes: tuple[str, ...]
+    out: Path,
+    models: dict[str, object],
+    examples: dict[tuple[str, str], list[np.ndarray]],
+    spaces: Sequence[LabelSpace],
 ) -> str | None:
     """One row per label, one column per (image, model); each panel says the model's probability of the label."""
     if not examples:
         return None
+    heads = by_head(spaces)
     per_row = max(len(images) for images in examples.values())
     columns = per_row * len(models)
     fig, axes = plt.subplots(len(examples), columns, figsize=(1.6 * columns, 1.75 * len(examples)), squeeze=False)
     for row, ((head, label), images) in enumerate(examples.items()):
-        index = classes.index(label) if head == "covid" else NIH14.index(label)
+        index = heads[head].class_index(label)
         for slot, (role, model) in enumerate(models.items()):
             maps = grad_cam(model, np.stack(images)[:, None], head, index)
             for number, (image, found) in enumerate(zip(images, maps, strict=True)):

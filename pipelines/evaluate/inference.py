@@ -1,8 +1,9 @@
 """A checkpoint's probabilities on every row of a split: in this process, or as Ray Data batch inference.
 
 Both paths read the shards in file order, prepare images with the same function (``preprocess_table``, the
-evaluation transform at the checkpoint's input size) and return the same arrays row for row: ``nih14`` (sigmoid),
-``covid`` (softmax), ``source``, ``nih_labels``, ``covid_label``. The local path suits small sets (no start-up);
+evaluation transform at the checkpoint's input size and label spaces) and return the same arrays row for row: one
+``[N, K]`` array of probabilities per head (sigmoid or softmax, as its label space says), ``source`` (the index of
+the row's head) and each head's labels (``label_<head>``). The local path suits small sets (no start-up);
 Ray Data spreads a large split over an actor pool of model replicas, one per GPU when the cluster has GPUs
 (``evaluate.inference``: ``auto`` switches at ``evaluate.ray_min_rows`` rows). With ``tta`` > 0 both average that
 many augmented passes in.
@@ -20,33 +21,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from models.checkpoint import META_FILE, model_from_checkpoint
+from models.checkpoint import META_FILE, label_spaces_of, model_from_checkpoint
+from models.labels import LabelSpace
 from pipelines.config import Config
 from pipelines.data.shards import SHARD_COLUMNS, local_batches
 from pipelines.data.transforms import TransformSpec, preprocess_table
 from pipelines.train.steps import predict
 
 log = logging.getLogger(__name__)
-HEADS = ("nih14", "covid")
 
 
-def predict_local(model: torch.nn.Module, cfg: Config, files: list[str], tta: int = 0) -> dict[str, np.ndarray]:
-    """Probabilities on every row of ``files`` in this process; with ``tta`` > 0, averaged with augmented passes."""
+def predict_local(
+    model: torch.nn.Module, cfg: Config, files: list[str], tta: int = 0, use_metadata: bool = True
+) -> dict[str, np.ndarray]:
+    """Probabilities on every row of ``files`` in this process; with ``tta`` > 0, averaged with augmented passes.
+    ``use_metadata=False`` hides the rows' patient metadata from a fusion model (``steps.predict``)."""
     device, size = torch.device("cpu"), cfg.evaluate.batch_size
-    spec = TransformSpec(model.input_size, **cfg.data.augment.model_dump())
-    passes = [predict(model, local_batches(files, spec, train, size), device) for train in (False, *[True] * tta)]
-    return _average(passes)
+    spaces = tuple(model.label_spaces)
+    spec = TransformSpec(model.input_size, spaces, **cfg.data.augment.model_dump())
+    passes = [
+        predict(model, local_batches(files, spec, train, size), device, use_metadata=use_metadata)
+        for train in (False, *[True] * tta)
+    ]
+    return _average(passes, spaces)
 
 
-def _average(passes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _average(passes: list[dict[str, np.ndarray]], spaces: tuple[LabelSpace, ...]) -> dict[str, np.ndarray]:
+    """Every head's probabilities averaged over the passes; ``source`` and labels are those of the first."""
     result = dict(passes[0])
-    for head in HEADS:
-        result[head] = sum(p[head] for p in passes) / len(passes)
+    for space in spaces:
+        result[space.head] = sum(p[space.head] for p in passes) / len(passes)
     return result
 
 
 class SplitPredictor:
-    """One model replica of Ray Data's actor pool: stored rows -> both heads' probabilities, labels kept."""
+    """One model replica of Ray Data's actor pool: stored rows -> every head's probabilities, labels kept."""
 
     def __init__(self, checkpoint_dir: str, spec: TransformSpec, train: bool, threads: int) -> None:
         torch.set_num_threads(threads)
@@ -71,13 +80,14 @@ def predict_ray(cfg: Config, checkpoint_dir: str | Path, files: list[str], tta: 
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # rows come back in file order, as the local path reads them
-    meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())  # the input size, without loading weights
-    spec = TransformSpec(int(meta["preprocessing"]["input_size"]), **cfg.data.augment.model_dump())
+    meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())  # size and heads, without loading weights
+    spaces = label_spaces_of(meta)
+    spec = TransformSpec(int(meta["preprocessing"]["input_size"]), spaces, **cfg.data.augment.model_dump())
     try:
         passes = [_ray_pass(cfg, str(checkpoint_dir), files, spec, train) for train in (False, *[True] * tta)]
     finally:
         context.execution_options.preserve_order = preserve
-    return _average(passes)
+    return _average(passes, spaces)
 
 
 def _ray_pass(cfg: Config, checkpoint_dir: str, files: list[str], spec: TransformSpec, train: bool) -> dict:

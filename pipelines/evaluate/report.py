@@ -1,9 +1,16 @@
-"""The evaluation report: ``report.md`` with tables, and PNG plots (ROC curves, reliability diagrams,
-confusion matrices) drawn with matplotlib's non-interactive backend. Every system of the summary (the CNN, the ViT,
-extra checkpoints such as a linear probe, the fused and the gated ensemble) gets a row, a column and a panel."""
+"""The evaluation report: ``report.md`` with tables, and PNG plots drawn with matplotlib's non-interactive backend.
+
+The report follows the checkpoint's label spaces: a summary table (the score and every head's main figure), then a
+section per head, in head order, with its figures table, its per-class table and its plots (ROC curves, a
+reliability diagram, and for a multi-class head a confusion matrix per system). Every system of the summary (the
+CNN, the ViT, extra checkpoints such as a linear probe, the fused and the gated ensemble) gets a row, a column and a
+panel. ``head_figures`` is the table both this report and the console print.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,64 +21,106 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from models.labels import NIH14  # noqa: E402
+from models.labels import LabelSpace, label_key  # noqa: E402
+from pipelines.evaluate.metrics import main_key  # noqa: E402
 
 
-def plot_roc(out: Path, systems: dict[str, dict[str, np.ndarray]]) -> str:
-    fig, axes = plt.subplots(1, len(systems), figsize=(4.2 * len(systems), 4), sharey=True)
-    for ax, (name, pred) in zip(np.atleast_1d(axes), systems.items(), strict=True):
-        nih = pred["source"] == 0
-        for k, finding in enumerate(NIH14):
-            labels = pred["nih_labels"][nih][:, k]
-            if 0 < labels.sum() < len(labels):
-                fpr, tpr, _ = roc_curve(labels, pred["nih14"][nih][:, k])
-                ax.plot(fpr, tpr, lw=1, label=finding)
-        ax.plot([0, 1], [0, 1], "k--", lw=0.5)
-        ax.set_title(f"{name}: nih14 ROC")
-        ax.set_xlabel("false positive rate")
-    np.atleast_1d(axes)[0].set_ylabel("true positive rate")
-    np.atleast_1d(axes)[-1].legend(fontsize=6, loc="lower right")
+def head_figures(space: LabelSpace, metrics: dict[str, Any]) -> dict[str, float]:
+    """One system's figures for a head, by column title: macro AUROC (multi-label) or accuracy, macro F1 and macro
+    AUROC (multi-class); the derived binary answer's AUROC where the head has one; and the ECE."""
+    found = metrics["heads"].get(space.head) or {}
+    if space.multi_label:
+        figures = {"macro AUROC": found.get("macro", math.nan)}
+    else:
+        figures = {name: found.get(key, math.nan) for name, key in MULTICLASS_COLUMNS}
+    if space.binary is not None:
+        figures[f"{space.binary} (binary) AUROC"] = found.get("binary", math.nan)
+    figures["ECE"] = metrics["calibration"][space.head]["ece"]
+    return figures
+
+
+MULTICLASS_COLUMNS = (("accuracy", "accuracy"), ("macro F1", "macro_f1"), ("macro AUROC", "macro_auroc"))
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _panels(count: int, width: float, height: float):
+    fig, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / "roc_nih14.png", dpi=110)
+    fig.savefig(out / name, dpi=110)
     plt.close(fig)
-    return "roc_nih14.png"
+    return name
 
 
-def plot_reliability(out: Path, metrics: dict[str, Any]) -> str:
+def plot_roc(out: Path, systems: dict[str, dict[str, np.ndarray]], space: LabelSpace, index: int) -> str | None:
+    """ROC curves of a head per class (one-vs-rest for a multi-class head), a panel per system."""
+    fig, axes = _panels(len(systems), 4.2, 4)
+    drawn = False
+    for ax, (name, pred) in zip(axes, systems.items(), strict=True):
+        rows = pred["source"] == index
+        labels, probs = pred[label_key(space.head)][rows], pred[space.head][rows]
+        for k, cls in enumerate(space.classes):
+            target = labels[:, k] > 0.5 if space.multi_label else labels == k
+            if 0 < target.sum() < len(target):
+                fpr, tpr, _ = roc_curve(target, probs[:, k])
+                ax.plot(fpr, tpr, lw=1, label=cls)
+                drawn = True
+        ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+        ax.set_title(f"{name}: {space.head} ROC", fontsize=9)
+        ax.set_xlabel("false positive rate")
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_ylabel("true positive rate")
+    axes[-1].legend(fontsize=6, loc="lower right")
+    return _save(fig, out, f"roc_{space.head}.png")
+
+
+def plot_reliability(out: Path, metrics: dict[str, Any], space: LabelSpace) -> str | None:
+    """The head's reliability diagram, a line per system."""
+    if not any(m["calibration"][space.head]["bins"] for m in metrics.values()):
+        return None
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for name, m in metrics.items():
-        bins = m["calibration"]["covid"]["bins"]
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", ms=3,
-                label=f"{name} (ECE {m['calibration']['covid']['ece']:.3f})")  # fmt: skip
+        cal = m["calibration"][space.head]
+        ax.plot([b["confidence"] for b in cal["bins"]], [b["accuracy"] for b in cal["bins"]], "o-", ms=3,
+                label=f"{name} (ECE {_fmt(cal['ece'])})")  # fmt: skip
     ax.plot([0, 1], [0, 1], "k--", lw=0.5)
-    ax.set(
-        xlabel="confidence (max softmax)", ylabel="accuracy", title="covid head reliability", xlim=(0, 1), ylim=(0, 1)
-    )
+    if space.multi_label:
+        xlabel, ylabel = "predicted probability (every class)", "observed frequency"
+    else:
+        xlabel, ylabel = "confidence (top-1 probability)", "accuracy"
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{space.head} head reliability", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "reliability_covid.png", dpi=110)
-    plt.close(fig)
-    return "reliability_covid.png"
+    return _save(fig, out, f"reliability_{space.head}.png")
 
 
-def plot_confusion(out: Path, metrics: dict[str, Any], classes: tuple[str, ...]) -> str:
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4))
-    for ax, (name, m) in zip(np.atleast_1d(axes), metrics.items(), strict=True):
-        matrix = np.array(m["covid"]["confusion"])
+def plot_confusion(out: Path, metrics: dict[str, Any], space: LabelSpace) -> str | None:
+    """A multi-class head's confusion matrix (rows: truth, columns: prediction), a panel per system."""
+    if space.multi_label or not all(m["heads"].get(space.head) for m in metrics.values()):
+        return None
+    classes = space.classes
+    fig, axes = _panels(len(metrics), 3.6, 3.4)
+    for ax, (name, m) in zip(axes, metrics.items(), strict=True):
+        matrix = np.array(m["heads"][space.head]["confusion"])
         ax.imshow(matrix, cmap="Blues")
         for (i, j), value in np.ndenumerate(matrix):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
-        ax.set_title(name)
-    fig.tight_layout()
-    fig.savefig(out / "confusion_covid.png", dpi=110)
-    plt.close(fig)
-    return "confusion_covid.png"
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if value != value else f"{value:.3f}"
+        ax.set_title(f"{name}: {space.head}", fontsize=9)
+    return _save(fig, out, f"confusion_{space.head}.png")
 
 
 def describe_extras(extras: dict[str, dict[str, str]]) -> list[str]:
@@ -89,16 +138,81 @@ def describe_extras(extras: dict[str, dict[str, str]]) -> list[str]:
     return lines
 
 
+def describe_metadata(fusion: dict[str, bool]) -> list[str]:
+    """A paragraph per model with the metadata fusion head: what its "without metadata" row is."""
+    lines = []
+    for role in (role for role, on in fusion.items() if on):
+        lines += [
+            "",
+            f"**{role} without metadata**: the same {role.upper()} (it has the metadata fusion head, "
+            f"`model.{role}.metadata`) on the same test rows with age, sex and view position hidden (every field "
+            '"missing"); the gap to its own row is what the metadata adds. Only NIH rows carry metadata.',
+        ]
+    return lines
+
+
+def summary_table(metrics: dict[str, Any], spaces: Sequence[LabelSpace]) -> list[str]:
+    """system | score | each head's main figure (macro AUROC multi-label, macro F1 multi-class)."""
+    header = ["system", "score"] + [f"{s.head} macro {'AUROC' if s.multi_label else 'F1'}" for s in spaces]
+    rows = [[name, _fmt(m["headline"]["score"])] + [_fmt(m["headline"][main_key(s)]) for s in spaces]
+            for name, m in metrics.items()]  # fmt: skip
+    return _table(header, rows)
+
+
+def per_class_table(metrics: dict[str, Any], space: LabelSpace) -> list[str]:
+    """Multi-label: AUROC per class. Multi-class: precision / recall / F1 / one-vs-rest AUROC per class."""
+    rows = []
+    for cls in space.classes:
+        cells = [cls]
+        for m in metrics.values():
+            found = m["heads"].get(space.head)
+            if not found:
+                cells.append("n/a")
+            elif space.multi_label:
+                cells.append(_fmt(found["per_finding"][cls]))
+            else:
+                c = found["per_class"][cls]
+                cells.append(f"{c['precision']:.2f} / {c['recall']:.2f} / {c['f1']:.2f} / "
+                             f"{_fmt(found['auroc_per_class'][cls])}")  # fmt: skip
+        rows.append(cells)
+    return _table(["class", *metrics], rows)
+
+
+def head_section(
+    out: Path, summary: dict[str, Any], systems: dict[str, dict[str, np.ndarray]], space: LabelSpace, index: int
+) -> list[str]:
+    """A head's section: what it is, its figures per system, its per-class table and its plots."""
+    metrics = summary["systems"]
+    count = (summary.get("test_images_per_head") or {}).get(space.head, 0)
+    kind = "multi-label" if space.multi_label else "multi-class"
+    lines = ["", f"## Head `{space.head}`", ""]
+    lines.append(f"{kind} over {len(space.classes)} classes, trained and scored on the `{space.source}` images "
+                 f"({count} in the test split).")  # fmt: skip
+    if space.binary is not None:
+        what = "any class" if space.multi_label else f"any class but {', '.join(space.negatives)}"
+        lines.append(f"The binary answer *{space.binary}* is {what}.")
+    figures = {name: head_figures(space, m) for name, m in metrics.items()}
+    columns = list(next(iter(figures.values())))
+    lines += ["", *_table(["system", *columns], [[n, *(_fmt(f[c]) for c in columns)] for n, f in figures.items()])]
+    title = "AUROC per class" if space.multi_label else "per class (precision / recall / F1 / AUROC)"
+    lines += ["", f"### `{space.head}` {title}", "", *per_class_table(metrics, space)]
+    plots = [plot_roc(out, systems, space, index), plot_reliability(out, metrics, space)]
+    plots.append(plot_confusion(out, metrics, space))
+    drawn = [p for p in plots if p]
+    if drawn:
+        lines += ["", *(f"![{p}]({p})" for p in drawn)]
+    return lines
+
+
 def write_report(
     out: Path,
     summary: dict[str, Any],
     systems: dict[str, dict[str, np.ndarray]],
-    classes: tuple[str, ...],
+    spaces: Sequence[LabelSpace],
     explanation_grid: str | None = None,
 ) -> Path:
+    """``report.md`` (and its plots) in ``out`` from the evaluation summary and each system's predictions."""
     metrics = summary["systems"]
-    plots = [plot_roc(out, systems), plot_reliability(out, metrics), plot_confusion(out, metrics, classes)]
-    names = list(metrics)
     ens = summary["ensemble"]
     lines = [
         "# Evaluation on the test split",
@@ -106,51 +220,26 @@ def write_report(
         f"{summary['test_images']} test images; ensemble w_cnn={ens['w_cnn']:.3f}, threshold={ens['threshold']:.3f} "
         f"(from {ens.get('source', 'config')}); "
         f"test-time augmentation passes: {summary['tta_passes']}.",
-        f"The adaptive gate sent **{metrics['adaptive']['vit_fraction']:.1%}** of the test images to the ViT.",
+        f"The adaptive gate sent **{metrics['adaptive']['vit_fraction']:.1%}** of the test images to the ViT "
+        "(each image gated on its own source's head).",
         *describe_extras(summary.get("extras") or {}),
+        *describe_metadata(summary.get("metadata_fusion") or {}),
         "",
-        "| system | nih14 macro AUROC | nih14 abnormal AUROC | covid accuracy | covid macro F1 | covid ECE "
-        "| nih14 ECE |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "## Summary",
+        "",
+        "The score is the mean over heads of each head's main figure: macro AUROC for a multi-label head, macro F1 "
+        "for a multi-class one.",
+        "",
+        *summary_table(metrics, spaces),
     ]
-    for name in names:
-        h, cal = metrics[name]["headline"], metrics[name]["calibration"]
-        lines.append(
-            f"| {name} | {_fmt(h['nih_macro_auroc'])} | {_fmt(h['nih_abnormal_auroc'])} | {_fmt(h['covid_accuracy'])} "
-            f"| {_fmt(h['covid_macro_f1'])} "
-            f"| {_fmt(cal['covid']['ece'])} | {_fmt(cal['nih14']['ece'])} |"
-        )
-    lines += [
-        "",
-        "## nih14 AUROC per finding",
-        "",
-        "| finding | " + " | ".join(names) + " |",
-        "| --- |" + " --- |" * len(names),
-    ]
-    for finding in NIH14:
-        lines.append(
-            f"| {finding} | " + " | ".join(_fmt(metrics[n]["nih14"]["per_finding"][finding]) for n in names) + " |"
-        )
-    lines += [
-        "",
-        "## covid per class (precision / recall / F1)",
-        "",
-        "| class | " + " | ".join(names) + " |",
-        "| --- |" + " --- |" * len(names),
-    ]
-    for cls in classes:
-        cells = []
-        for n in names:
-            c = metrics[n]["covid"]["per_class"][cls]
-            cells.append(f"{c['precision']:.2f} / {c['recall']:.2f} / {c['f1']:.2f}")
-        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    for index, space in enumerate(spaces):
+        lines += head_section(out, summary, systems, space, index)
     if explanation_grid:
         lines += [
             "",
             "## Where the models look (Grad-CAM)",
             "",
-            "A few test images per covid class and nih14 finding, with each model's map of the true label "
+            "A few test images per class of every head, with each model's map of the true label "
             "(`models/explain.py`, as `POST /v1/explain` serves it).",
             "",
             f"![{explanation_grid}]({explanation_grid})",

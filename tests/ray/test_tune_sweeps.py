@@ -17,13 +17,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import EnsembleTuneConfig, load_config
+from pipelines.evaluate.metrics import main_key
 from pipelines.train.driver import config_with_tune_result
-from tests.helpers import CONFIG, ROOT
+from tests.helpers import CONFIG, ROOT, SPACES
 
 pytestmark = pytest.mark.ray
 
-CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-SETTINGS = EnsembleTuneConfig(num_samples=30, objective="constrained", max_vit_fraction=0.5, nih_weight=0.5)
+SETTINGS = EnsembleTuneConfig(num_samples=30, objective="constrained", max_vit_fraction=0.5)
 
 
 @pytest.mark.ray
@@ -31,8 +31,10 @@ def test_ensemble_sweep_finds_the_known_region(ray_session, tmp_path, handmade_p
     from tune.ensemble_sweep import choose, search
 
     cnn, vit = handmade_predictions
-    frame = search(cnn, vit, CLASSES, SETTINGS, tmp_path, seed=1, start={"w_cnn": 0.4, "threshold": 0.85})
+    spaces = tuple(space for space in SPACES if space.head in cnn)
+    frame = search(cnn, vit, spaces, SETTINGS, tmp_path, seed=1, start={"w_cnn": 0.4, "threshold": 0.85})
     assert len(frame) == SETTINGS.num_samples
+    assert {main_key(space) for space in spaces} <= set(frame.columns)  # every head's figures, a column each
     best = choose(frame)
     assert best["objective"] == pytest.approx(1.0) and best["vit_fraction"] == pytest.approx(0.4)
     assert 0.55 < best["threshold"] <= 0.97 and best["w_cnn"] < 0.743

@@ -1,18 +1,20 @@
 """The linear-probe row: its own training pointer (``latest-<role>-probe.json``), its label from the checkpoint's
-recipe, and its row, columns and plot panel in report.md built from hand-made predictions."""
+recipe, and its row, columns and plot panel in every head's section of report.md, built from hand-made predictions;
+the pneumonia head's figures in the report and the console table."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from models.ensemble import adaptive, fuse
+from models.ensemble import fuse
+from models.labels import label_key
 from pipelines.artifacts import latest_probes, training_key, training_pointer, write_latest_training
 from pipelines.config import load_config
-from pipelines.evaluate.evaluation import extra_label, full_metrics
-from pipelines.evaluate.metrics import scored_heads
+from pipelines.evaluate.evaluation import extra_label, format_console, full_metrics, gated
 from pipelines.evaluate.report import write_report
+from tests.helpers import SPACES
 
-CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 PROBE = "cnn linear probe"
 
 
@@ -39,42 +41,110 @@ def test_extra_rows_are_labelled_by_role_and_recipe(config, label):
     assert extra_label({"role": role, "config": config}) == label
 
 
-def _probe_of(cnn: dict) -> dict:
+def _probe_of(cnn: dict, spaces: tuple) -> dict:
     """The CNN's ranking with every probability pulled halfway to uninformative: same AUROC, other calibration."""
-    return {**cnn, "nih14": 0.5 * cnn["nih14"] + 0.25, "covid": 0.5 * cnn["covid"] + 0.125}
+    pulled = {s.head: 0.5 * cnn[s.head] + (0.25 if s.multi_label else 0.5 / len(s.classes)) for s in spaces}
+    return {**cnn, **pulled}
 
 
-def test_report_has_the_probe_row_in_every_table(handmade_predictions, tmp_path):
-    cnn, vit = handmade_predictions
-    heads = ("nih14", "covid")
-    gated, used_vit = adaptive({h: cnn[h] for h in heads}, {h: vit[h] for h in heads}, 0.4, 0.85, scored_heads(cnn))
+def _summary(cnn: dict, vit: dict, spaces: tuple) -> tuple[dict, dict]:
+    """The systems and the summary ``evaluate`` builds, from hand-made predictions."""
+    adaptive_pred, used_vit = gated(cnn, vit, spaces, 0.4, 0.85)
+    heads = [s.head for s in spaces]
     systems = {
         "cnn": cnn,
         "vit": vit,
-        PROBE: _probe_of(cnn),
-        "ensemble": {**cnn, **fuse(cnn, vit, 0.4)},
-        "adaptive": {**cnn, **gated},
+        PROBE: _probe_of(cnn, spaces),
+        "ensemble": {**cnn, **fuse({h: cnn[h] for h in heads}, {h: vit[h] for h in heads}, 0.4)},
+        "adaptive": adaptive_pred,
     }
-    metrics = {name: full_metrics(pred, CLASSES) for name, pred in systems.items()}
+    metrics = {name: full_metrics(pred, spaces) for name, pred in systems.items()}
     metrics["adaptive"]["vit_fraction"] = float(used_vit.mean())
     summary = {
         "ensemble": {"w_cnn": 0.4, "threshold": 0.85, "source": "config"},
         "tta_passes": 0,
         "test_images": len(cnn["source"]),
+        "label_spaces": [s.to_dict() for s in spaces],
+        "test_images_per_head": {s.head: int((cnn["source"] == i).sum()) for i, s in enumerate(spaces)},
         "systems": metrics,
         "extras": {PROBE: {"checkpoint": "/ckpt/probe", "role": "cnn", "recipe": "linear_probe"}},
     }
-    report = write_report(tmp_path, summary, systems, CLASSES).read_text()
+    return systems, summary
 
-    headline = next(line for line in report.splitlines() if line.startswith(f"| {PROBE} |"))
-    cells = [c.strip() for c in headline.strip("|").split("|")]
-    assert len(cells) == 7 and all(c != "n/a" for c in cells[1:])
-    probe_ece, cnn_ece = (f"{metrics[name]['calibration']['covid']['ece']:.3f}" for name in (PROBE, "cnn"))
-    assert cells[5] == probe_ece != cnn_ece  # the row holds the probe's own figures
-    for section in ("| finding | ", "| class | "):  # per-finding AUROC and covid per-class tables
-        header = next(line for line in report.splitlines() if line.startswith(section))
-        assert header.split(" | ")[3] == PROBE  # after cnn and vit, before the ensembles
+
+def _row(lines: list[str], start: int, label: str) -> list[str]:
+    """The cells of the first table row for ``label`` after line ``start``."""
+    line = next(line for line in lines[start:] if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_has_a_section_per_head_with_the_probe_row_in_every_table(handmade_predictions, tmp_path):
+    cnn, vit = handmade_predictions
+    spaces = tuple(space for space in SPACES if space.head in cnn)
+    systems, summary = _summary(cnn, vit, spaces)
+    metrics = summary["systems"]
+    report = write_report(tmp_path, summary, systems, spaces).read_text()
+    lines = report.splitlines()
+
+    summary_row = _row(lines, lines.index("## Summary"), PROBE)
+    assert len(summary_row) == 2 + len(spaces) and all(c != "n/a" for c in summary_row[1:])
+    for space in spaces:
+        start = lines.index(f"## Head `{space.head}`")
+        header = next(line for line in lines[start:] if line.startswith("| system |"))
+        columns = [c.strip() for c in header.strip("|").split("|")]
+        cells = _row(lines, start, PROBE)
+        assert len(cells) == len(columns) and all(c != "n/a" for c in cells[1:])
+        ece = f"{metrics[PROBE]['calibration'][space.head]['ece']:.3f}"
+        assert cells[columns.index("ECE")] == ece != f"{metrics['cnn']['calibration'][space.head]['ece']:.3f}"
+        if space.binary is not None:
+            assert f"{space.binary} (binary) AUROC" in columns
+        per_class = next(line for line in lines[start:] if line.startswith("| class | "))
+        assert per_class.split(" | ")[3] == PROBE  # after cnn and vit, before the ensembles
+        plots = [f"roc_{space.head}.png", f"reliability_{space.head}.png"]
+        plots += [] if space.multi_label else [f"confusion_{space.head}.png"]
+        for plot in plots:
+            assert (tmp_path / plot).is_file() and f"![{plot}]({plot})" in report
     assert "**cnn linear probe**: the CNN's linear heads trained on a frozen backbone" in report
     assert "`/ckpt/probe`" in report
-    for plot in ("roc_nih14.png", "reliability_covid.png", "confusion_covid.png"):
-        assert (tmp_path / plot).is_file()
+
+
+def _with_pneumonia(pred: dict, right: float, n: int = 30) -> dict:
+    """``pred`` (the heads before pneumonia in ``SPACES``) with ``n`` pneumonia images appended: labels cycle through
+    normal, bacterial, viral; the model gives the true class ``right`` and shares the rest, so it is always right
+    and the figures are defined (every class and both binary answers present)."""
+    index = [s.head for s in SPACES].index("pneumonia")
+    assert [s.head for s in SPACES[:index]] == [h for h in pred if h in {s.head for s in SPACES}]
+    total = len(pred["source"])
+    label = np.arange(n) % 3
+    probs = right * np.eye(3)[label] + (1 - right) / 2 * (1 - np.eye(3)[label])
+    grown = {"source": np.r_[pred["source"], np.full(n, index, pred["source"].dtype)]}
+    for space in SPACES[:index]:
+        head, key = space.head, label_key(space.head)
+        grown[head] = np.r_[pred[head], np.full((n, pred[head].shape[1]), 0.5, pred[head].dtype)]
+        fill = np.zeros((n, pred[key].shape[1])) if space.multi_label else np.full(n, -1)
+        grown[key] = np.r_[pred[key], fill.astype(pred[key].dtype)]
+    grown["pneumonia"] = np.r_[np.full((total, 3), 1 / 3), probs].astype(np.float32)
+    grown["label_pneumonia"] = np.r_[np.full(total, -1), label]
+    return grown
+
+
+def test_report_and_console_of_three_heads_show_the_pneumonia_figures(handmade_predictions, tmp_path):
+    cnn, vit = handmade_predictions
+    if "pneumonia" not in cnn:
+        cnn, vit = _with_pneumonia(cnn, 0.6), _with_pneumonia(vit, 0.9)
+    systems, summary = _summary(cnn, vit, SPACES)
+    report = write_report(tmp_path, summary, systems, SPACES).read_text()
+    lines = report.splitlines()
+    start = lines.index("## Head `pneumonia`")
+    header = next(line for line in lines[start:] if line.startswith("| system |"))
+    assert header == "| system | accuracy | macro F1 | macro AUROC | pneumonia (binary) AUROC | ECE |"
+    pneumonia = summary["systems"]["cnn"]["headline"]
+    cells = _row(lines, start, "cnn")
+    keys = ("pneumonia_accuracy", "pneumonia_macro_f1", "pneumonia_macro_auroc", "pneumonia_binary_auroc")
+    assert cells[1:5] == [f"{pneumonia[key]:.3f}" for key in keys]
+    nih = lines.index("## Head `nih14`")
+    assert "abnormal (binary) AUROC" in next(line for line in lines[nih:] if line.startswith("| system |"))
+    console = format_console(summary)
+    count = summary["test_images_per_head"]["pneumonia"]
+    assert f"head pneumonia ({count} test images)" in console and "pneumonia (binary) AUROC" in console
+    assert PROBE in console
