@@ -1,4 +1,4 @@
-"""Grad-CAM for both backbones, for any nih14 finding or covid class; used offline (evaluation) and by serving.
+"""Grad-CAM for both backbones, for any class of any head; used offline (evaluation) and by serving.
 
 - CNN: classic Grad-CAM on the last convolutional stage (timm's ``forward_features`` output, e.g. 7x7 for
   EfficientNet-B0 at 224 px). Where that map is coarser than ``MIN_GRID`` cells a side (the 64 px demo models:
@@ -15,7 +15,8 @@ encoder layer's attention from the class token to the grid tokens, heads average
 (only the reported probability is the target's); ``explain`` picks a method by name, ``methods_for`` lists a
 model's.
 
-The score is the target's logit (before sigmoid/softmax), as in the Grad-CAM paper. Maps are ReLU'd and scaled
+The score is the target's logit (before sigmoid/softmax), as in the Grad-CAM paper; the reported probability is the
+target's under the head's label space (``LabelSpace.probabilities``: sigmoid or softmax). Maps are ReLU'd and scaled
 to [0, 1] per image; an all-zero map means no region raised the score.
 """
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.labels import LabelSpace
 from models.network import CxrNet
 
 MIN_GRID = 7  # the 7x7 map Grad-CAM has on EfficientNet-B0 at 224 px: coarser cannot separate lung zones
@@ -36,7 +38,7 @@ FINAL_STAGE = "forward_features"
 @dataclass(frozen=True)
 class Explanation:
     cam: np.ndarray  # float32 [h, w] in [0, 1] at the layer's grid
-    probability: float  # of the target under this model (sigmoid for nih14, softmax for covid)
+    probability: float  # of the target under this model (its head's sigmoid or softmax)
     layer: str
     kind: str = "grad-cam"  # or "attention"
 
@@ -80,7 +82,7 @@ def _activations_and_logits(model: CxrNet, images: torch.Tensor) -> tuple[torch.
             hook.remove()
     activations = captured.get("a", features)
     pooled = model.backbone.forward_head(features, pre_logits=True)
-    logits = {name: head(pooled) for name, head in model.heads.items()}
+    logits = model.classify(pooled)  # the heads (with a fusion model's "metadata missing" embedding)
     return activations, logits, f"backbone.{layer}"
 
 
@@ -93,10 +95,21 @@ def _as_grid(model: CxrNet, tensor: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
 
 
+def head_space(model: CxrNet, head: str, target: int | None = None) -> LabelSpace:
+    """The label space of one of the model's heads; a head it does not have (or a target outside the head's
+    classes) is a ``ValueError`` naming the ones it has."""
+    spaces = {space.head: space for space in model.label_spaces}
+    if head not in spaces:
+        raise ValueError(f"head must be one of {', '.join(spaces)}, got {head!r}")
+    classes = spaces[head].classes
+    if target is not None and not 0 <= target < len(classes):
+        raise ValueError(f"target {target} is not a class index of head {head!r} ({len(classes)} classes)")
+    return spaces[head]
+
+
 def grad_cam(model: CxrNet, images: np.ndarray | torch.Tensor, head: str, target: int) -> list[Explanation]:
     """Grad-CAM of ``target`` (an index into ``head``'s label space) for uint8 images [B, 1, S, S]."""
-    if head not in ("nih14", "covid"):
-        raise ValueError(f"head must be nih14 or covid, got {head!r}")
+    space = head_space(model, head, target)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -111,7 +124,7 @@ def grad_cam(model: CxrNet, images: np.ndarray | torch.Tensor, head: str, target
         cams = F.relu((weights * activations).sum(dim=1))
         peak = cams.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
         cams = (cams / peak).float().cpu().numpy()
-        probs = torch.sigmoid(logits[head]) if head == "nih14" else torch.softmax(logits[head], dim=-1)
+        probs = space.probabilities(logits[head])
         target_probs = probs[:, target].detach().float().cpu().numpy()
     finally:
         model.train(was_training)
@@ -136,8 +149,7 @@ def attention_map(model: CxrNet, images: np.ndarray | torch.Tensor, head: str, t
     scaled to a peak of 1 like Grad-CAM; ``probability`` is ``target``'s under the model."""
     if not has_attention(model):
         raise ValueError(f"{model.arch} has no class-token attention to explain with; use {GRAD_CAM}")
-    if head not in model.heads:
-        raise ValueError(f"head must be one of {', '.join(model.heads)}, got {head!r}")
+    space = head_space(model, head, target)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -146,8 +158,9 @@ def attention_map(model: CxrNet, images: np.ndarray | torch.Tensor, head: str, t
         with torch.inference_mode():
             normalized = model.normalize(batch)
             attention = model.backbone.class_token_attention(normalized)
-            logits = model.heads[head](model.backbone.forward_head(model.backbone.forward_features(normalized), True))
-            probs = torch.sigmoid(logits) if head == "nih14" else torch.softmax(logits, dim=-1)
+            pooled = model.backbone.forward_head(model.backbone.forward_features(normalized), pre_logits=True)
+            logits = model.classify(pooled)[head]
+            probs = space.probabilities(logits)
     finally:
         model.train(was_training)
     peak = attention.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]

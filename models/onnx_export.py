@@ -1,9 +1,11 @@
-"""PyTorch -> ONNX for our two-head networks: export, metadata, parity with PyTorch, int8 quantisation.
+"""PyTorch -> ONNX for our networks (one head per label space): export, metadata, parity, int8 quantisation.
 
 Plain torch, onnx and onnxruntime (never ray). The ONNX model takes what ``CxrNet`` takes, uint8 ``image
-[B, 1, S, S]`` with a dynamic batch axis, normalises inside the graph and returns the logits ``nih14 [B, 14]`` and
-``covid [B, C]``. Its ``metadata_props`` carry what serving needs to preprocess exactly like training (input and
-storage size, mean, std) and what it must agree with (arch, role, label spaces, the source checkpoint).
+[B, 1, S, S]`` with a dynamic batch axis, normalises inside the graph and returns one logits output per head, named
+after it and in the model's head order (``<head> [B, classes]``). Its ``metadata_props`` carry what serving needs to
+preprocess exactly like training (input and storage size, mean, std) and what it must agree with (arch, role, the
+source checkpoint, and ``label_spaces``: the JSON list of ``LabelSpace.to_dict()`` in head order, from which the
+ONNX backend rebuilds the heads and their sigmoid/softmax without the checkpoint).
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript). Measured with torch 2.14 on timm's
 ``efficientnet_b0``, ``vit_small_patch16_224``, ``test_efficientnet`` and ``test_vit``: both exporters give logits
@@ -29,7 +31,9 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
+from models.checkpoint import label_spaces_of
 from models.errors import CxrError
+from models.labels import LabelSpace, spaces_from_dicts
 from models.network import CxrNet
 
 log = logging.getLogger(__name__)
@@ -37,8 +41,7 @@ for _chatty in ("onnxscript", "onnx_ir", "onnxruntime.quantization"):  # a line 
     logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("nih14", "covid")
-METADATA_VERSION = "1"
+METADATA_VERSION = "2"  # 2: label_spaces is a list of LabelSpace dicts, one output per head
 # fields an ONNX file must share with the checkpoint a replica serves it beside (storage_size when both have it)
 CHECKED_FIELDS = ("arch", "input_size", "mean", "std", "label_spaces", "storage_size")
 QUANTIZE_MODES = ("dynamic", "static")
@@ -58,6 +61,7 @@ class OnnxMetadataError(CxrError, ValueError):
 def build_metadata(payload: dict[str, Any], source_checkpoint: str | Path, storage_size: int | None) -> dict[str, str]:
     """metadata_props of an export, from a checkpoint payload (or its meta.json); values are strings (JSON)."""
     pre = payload["preprocessing"]
+    spaces = [space.to_dict() for space in label_spaces_of(payload)]  # refuses checkpoints older than the registry
     return {
         "cxr_metadata_version": METADATA_VERSION,
         "arch": str(payload["arch"]),
@@ -68,10 +72,29 @@ def build_metadata(payload: dict[str, Any], source_checkpoint: str | Path, stora
         "input_dtype": "uint8",
         "mean": repr(float(pre["mean"])),
         "std": repr(float(pre["std"])),
-        "label_spaces": json.dumps(payload["label_spaces"]),
+        "label_spaces": json.dumps(spaces),
         "source_checkpoint": str(source_checkpoint),
         "quantize": "none",
     }
+
+
+def output_names(spaces: Iterable[LabelSpace]) -> tuple[str, ...]:
+    """The graph's outputs: one per head, named after it, in head order."""
+    return tuple(space.head for space in spaces)
+
+
+def metadata_label_spaces(path: str | Path, metadata: dict[str, str]) -> tuple[LabelSpace, ...]:
+    """The label spaces an export's metadata carries (``OnnxMetadataError`` for exports that predate them)."""
+    raw = metadata.get("label_spaces")
+    found = json.loads(raw) if raw else None
+    if not isinstance(found, list):
+        raise OnnxMetadataError(f"{path}: metadata has no label_spaces list (an older export); export it again")
+    return spaces_from_dicts(found)
+
+
+def session_label_spaces(session: ort.InferenceSession) -> tuple[LabelSpace, ...]:
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    return metadata_label_spaces("<session>", metadata)
 
 
 def export_onnx(model: CxrNet, path: str | Path, metadata: dict[str, str]) -> Path:
@@ -88,7 +111,7 @@ def export_onnx(model: CxrNet, path: str | Path, metadata: dict[str, str]) -> Pa
         str(path),
         dynamo=True,
         input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
+        output_names=list(output_names(model.label_spaces)),
         dynamic_shapes={"images": {0: batch}},
         external_data=False,
         optimize=True,
@@ -100,15 +123,17 @@ def export_onnx(model: CxrNet, path: str | Path, metadata: dict[str, str]) -> Pa
 
 
 def check_model(path: str | Path) -> None:
-    """``onnx.checker`` with full shape inference; also that the graph has our input and outputs."""
+    """``onnx.checker`` with full shape inference; also that the graph has our input and one output per head of
+    the label spaces in its metadata, in order."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:
         raise OnnxExportError(f"{path}: onnx.checker failed: {err}") from None
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
-    if inputs != [INPUT_NAME] or tuple(outputs) != OUTPUT_NAMES:
-        raise OnnxExportError(f"{path}: inputs {inputs} / outputs {outputs}, expected [{INPUT_NAME}] / {OUTPUT_NAMES}")
+    model = onnx.load(str(path), load_external_data=False)
+    expected = output_names(metadata_label_spaces(path, {p.key: p.value for p in model.metadata_props}))
+    inputs, outputs = [i.name for i in model.graph.input], tuple(o.name for o in model.graph.output)
+    if inputs != [INPUT_NAME] or outputs != expected:
+        raise OnnxExportError(f"{path}: inputs {inputs} / outputs {outputs}, expected [{INPUT_NAME}] / {expected}")
 
 
 def write_metadata(path: str | Path, metadata: dict[str, str]) -> None:
@@ -158,8 +183,10 @@ def ort_session(path: str | Path, threads: int | None = None) -> ort.InferenceSe
 
 
 def onnx_logits(session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
-    outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.uint8)})
-    return dict(zip(OUTPUT_NAMES, outputs, strict=True))
+    """{head: logits} in the graph's output order (the model's head order)."""
+    names = [output.name for output in session.get_outputs()]
+    outputs = session.run(names, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.uint8)})
+    return dict(zip(names, outputs, strict=True))
 
 
 def torch_logits(model: CxrNet, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -167,39 +194,53 @@ def torch_logits(model: CxrNet, batch: np.ndarray) -> dict[str, np.ndarray]:
         return {name: value.float().numpy() for name, value in model(torch.from_numpy(batch)).items()}
 
 
-def probabilities_from_logits(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """nih14 sigmoid, covid softmax, in float32: what ``serve.replicas.probabilities`` returns."""
-    nih = logits["nih14"].astype(np.float32)
-    covid = logits["covid"].astype(np.float32)
-    shifted = np.exp(covid - covid.max(axis=-1, keepdims=True))
-    return {"nih14": 1.0 / (1.0 + np.exp(-nih)), "covid": shifted / shifted.sum(axis=-1, keepdims=True)}
+def probabilities_from_logits(logits: dict[str, np.ndarray], spaces: Iterable[LabelSpace]) -> dict[str, np.ndarray]:
+    """Each head's probabilities as its label space says (sigmoid or softmax), float32, in head order: what
+    ``serve.replicas.probabilities`` returns."""
+    return {
+        space.head: space.probabilities(torch.from_numpy(np.asarray(logits[space.head]))).numpy().astype(np.float32)
+        for space in spaces
+    }
 
 
 def logit_parity(model: CxrNet, session: ort.InferenceSession, batches: Iterable[np.ndarray]) -> dict[str, Any]:
     """Max absolute logit difference ONNX vs PyTorch per head and overall, over every image of ``batches``."""
-    worst = dict.fromkeys(OUTPUT_NAMES, 0.0)
+    heads = output_names(model.label_spaces)
+    worst = dict.fromkeys(heads, 0.0)
     images = 0
     for batch in batches:
         expected, found = torch_logits(model, batch), onnx_logits(session, batch)
-        for name in OUTPUT_NAMES:
+        for name in heads:
             worst[name] = max(worst[name], float(np.abs(expected[name] - found[name]).max()))
         images += len(batch)
     return {"images": images, "max_abs_logit_diff": max(worst.values()), "per_head": worst}
 
 
+def agreement_key(space: LabelSpace) -> str:
+    """The key of a head's agreement figure: ``<head>_finding_agreement`` (multi-label: every class's yes/no at
+    0.5) or ``<head>_top1_agreement`` (multi-class: the top class)."""
+    return f"{space.head}_finding_agreement" if space.multi_label else f"{space.head}_top1_agreement"
+
+
 def agreement(
     reference: ort.InferenceSession, candidate: ort.InferenceSession, batches: Iterable[np.ndarray]
 ) -> dict[str, Any]:
-    """How far ``candidate`` (int8) answers from ``reference`` (fp32): probabilities, covid top-1, nih14 at 0.5."""
-    diffs, top1, findings, images = [], [], [], 0
-    worst_logit = 0.0
+    """How far ``candidate`` (int8) answers from ``reference`` (fp32): probabilities and logits overall, and per head
+    (``agreement_key``) the share of top classes (multi-class) or of class decisions at 0.5 (multi-label) that
+    agree. The heads are those of the reference's metadata."""
+    spaces = session_label_spaces(reference)
+    diffs: list[np.ndarray] = []
+    agreed: dict[str, list[np.ndarray]] = {agreement_key(space): [] for space in spaces}
+    worst_logit, images = 0.0, 0
     for batch in batches:
         ref_logits, cand_logits = onnx_logits(reference, batch), onnx_logits(candidate, batch)
-        worst_logit = max(worst_logit, max(float(np.abs(ref_logits[h] - cand_logits[h]).max()) for h in OUTPUT_NAMES))
-        ref, cand = probabilities_from_logits(ref_logits), probabilities_from_logits(cand_logits)
-        diffs += [np.abs(ref[h] - cand[h]).ravel() for h in OUTPUT_NAMES]
-        top1.append(ref["covid"].argmax(axis=1) == cand["covid"].argmax(axis=1))
-        findings.append(((ref["nih14"] >= 0.5) == (cand["nih14"] >= 0.5)).ravel())
+        worst_logit = max(worst_logit, *(float(np.abs(ref_logits[s.head] - cand_logits[s.head]).max()) for s in spaces))
+        ref, cand = probabilities_from_logits(ref_logits, spaces), probabilities_from_logits(cand_logits, spaces)
+        for space in spaces:
+            r, c = ref[space.head], cand[space.head]
+            diffs.append(np.abs(r - c).ravel())
+            same = ((r >= 0.5) == (c >= 0.5)).ravel() if space.multi_label else r.argmax(axis=1) == c.argmax(axis=1)
+            agreed[agreement_key(space)].append(same)
         images += len(batch)
     diff = np.concatenate(diffs)
     return {
@@ -207,8 +248,7 @@ def agreement(
         "max_abs_prob_diff": float(diff.max()),
         "mean_abs_prob_diff": float(diff.mean()),
         "max_abs_logit_diff": worst_logit,
-        "covid_top1_agreement": float(np.concatenate(top1).mean()),
-        "nih14_finding_agreement": float(np.concatenate(findings).mean()),
+        **{key: float(np.concatenate(parts).mean()) for key, parts in agreed.items()},
     }
 
 

@@ -47,9 +47,13 @@ class ExportError(CxrError, ValueError):
 # --------------------------------------------------------------------------------------------- batches
 
 
-def eval_transform(payload: dict[str, Any]) -> TransformSpec:
-    """The evaluation transform of a checkpoint: resize to the input size it was trained at."""
-    return TransformSpec(int(payload["preprocessing"]["input_size"]))
+def eval_transform(payload: dict[str, Any], labelled: bool = False) -> TransformSpec:
+    """The evaluation transform of a checkpoint: resize to the input size it was trained at; ``labelled``: the
+    batches also carry ``source`` and each head's labels, for the checkpoint's label spaces (its heads)."""
+    from models.checkpoint import label_spaces_of
+
+    spaces = label_spaces_of(payload) if labelled else ()
+    return TransformSpec(int(payload["preprocessing"]["input_size"]), spaces)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -195,7 +199,8 @@ def _log_to_mlflow(cfg: Config, payload: dict[str, Any], folder: Path, summary: 
     if summary["int8"]:
         agreed = summary["int8"]["agreement_with_fp32"]
         mode = summary["int8"]["mode"]
-        client.log_metric(run_id, f"onnx_int8_{mode}_covid_top1_agreement", agreed["covid_top1_agreement"])
+        for key in (k for k in agreed if k.endswith("_agreement")):  # one per head: <head>_top1/finding_agreement
+            client.log_metric(run_id, f"onnx_int8_{mode}_{key}", agreed[key])
         client.log_metric(run_id, f"onnx_int8_{mode}_max_abs_prob_diff", agreed["max_abs_prob_diff"])
     return {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri}
 
@@ -213,11 +218,11 @@ def describe(summary: dict[str, Any]) -> list[str]:
     ]
     if summary["int8"]:
         int8, agreed = summary["int8"], summary["int8"]["agreement_with_fp32"]
+        per_head = ", ".join(f"{key} {value:.1%}" for key, value in agreed.items() if key.endswith("_agreement"))
         lines += [
             f"int8 ({int8['mode']}): {int8['path']} ({int8['size_bytes'] / 1e6:.1f} MB)",
-            f"int8 vs fp32 on {agreed['images']} test images: covid top-1 agreement "
-            f"{agreed['covid_top1_agreement']:.1%}, nih14 findings at 0.5 {agreed['nih14_finding_agreement']:.1%}, "
-            f"max abs probability difference {agreed['max_abs_prob_diff']:.3f} "
+            f"int8 vs fp32 on {agreed['images']} test images: {per_head} (top1: the top class, finding: each "
+            f"class at 0.5), max abs probability difference {agreed['max_abs_prob_diff']:.3f} "
             f"(mean {agreed['mean_abs_prob_diff']:.4f})",
         ]
     lines.append(f"newest export: {summary['path']} (sha256 {summary['sha256'][:16]}...)")

@@ -1,11 +1,14 @@
-"""The router's result cache: one answer per (decoded image, mode, gate, model weights), in process or in Redis.
+"""The router's result cache: one answer per (decoded image, metadata, mode, gate, model weights), in process or in
+Redis.
 
 Key: sha256 over the decoded grayscale pixels (dtype, shape, bytes), the mode, the heads the gate scores, the gate's
-``w_cnn`` and ``threshold`` and the fingerprints of every model that could answer in that mode (adaptive and
-ensemble: both). A fingerprint (``models.checkpoint.model_fingerprint``) hashes the checkpoint file a replica
-actually loaded with its backend, so two checkpoints that share a version string still differ, and a redeploy with
-other weights misses. A miss is stored under the fingerprints the answering replicas report with their predictions,
-so an answer computed by one set of weights is never filed under another's.
+``w_cnn`` and ``threshold``, the request's patient metadata as the fusion head reads it (``models.metadata.encode``;
+a request without metadata keys as the all-missing row, which is what a fusion model is given) and the fingerprints
+of every model that could answer in that mode (adaptive and ensemble: both). A fingerprint
+(``models.checkpoint.model_fingerprint``) hashes the checkpoint file a replica actually loaded with its backend, so
+two checkpoints that share a version string still differ, and a redeploy with other weights misses. A miss is
+stored under the fingerprints the answering replicas report with their predictions, so an answer computed by one
+set of weights is never filed under another's.
 
 Value: what ``EnsemblePipeline.answer`` returns, minus timings (probabilities as lists, models used, CNN confidence,
 escalated), not the response body. The body is rebuilt from it on every hit with the live settings, so the finding
@@ -36,7 +39,9 @@ from serve.schema import GateSettings
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # bump when the key recipe or the value layout changes: old Redis entries are then never read
+# Bump when the value layout changes, or when a key recipe change could make a new key equal an old one: old Redis
+# entries are then never read. (Adding the metadata part needed no bump: keys hashed without it never match.)
+SCHEMA_VERSION = 1
 KEY_PREFIX = f"cxr:result:v{SCHEMA_VERSION}:"
 REDIS_TIMEOUT_S = 0.25  # connect and per-command; Redis on the same network answers in well under a millisecond
 RETRY_AFTER_S = 1.0  # after a failure, requests skip Redis this long instead of each paying a timeout
@@ -66,8 +71,23 @@ def image_digest(gray: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def metadata_part(metadata: np.ndarray | None) -> list[float]:
+    """The key's metadata part: the encoded row (None: every field missing). Keyed by the encoding rather than the
+    raw fields, so values the model cannot tell apart (age "58" in a form, "058Y" in a DICOM header) share an entry.
+    Models without the fusion head ignore it, and pay only misses for the same image under other metadata."""
+    from models.metadata import encode  # the router's process already has torch; keeps import of this module light
+
+    row = encode() if metadata is None else np.asarray(metadata, np.float32).reshape(-1)
+    return [float(value) for value in row]
+
+
 def cache_key(
-    digest: str, mode: str, heads: tuple[str, ...], settings: GateSettings, fingerprints: dict[str, str]
+    digest: str,
+    mode: str,
+    heads: tuple[str, ...],
+    settings: GateSettings,
+    fingerprints: dict[str, str],
+    metadata: np.ndarray | None = None,
 ) -> str:
     """The entry's key; every argument that can change ``EnsemblePipeline.answer`` is in it."""
     missing = [role for role in roles_for(mode) if not fingerprints.get(role)]
@@ -80,6 +100,7 @@ def cache_key(
         "w_cnn": float(settings.w_cnn),
         "threshold": float(settings.threshold),
         "models": {role: fingerprints[role] for role in roles_for(mode)},
+        "metadata": metadata_part(metadata),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -209,6 +230,7 @@ class Lookup:
 
     digest: str | None = None
     fingerprints: dict[str, str] = field(default_factory=dict)
+    metadata: np.ndarray | None = None  # the request's metadata row, keyed again when a miss is stored
     value: dict[str, Any] | None = None
 
     @property
@@ -250,15 +272,22 @@ class ResultCache:
         return {"hit": lookup.hit, "store": self.store.name if self.store is not None else None}
 
     async def lookup(
-        self, gray: np.ndarray, mode: str, heads: tuple[str, ...], settings: GateSettings, fingerprints: dict[str, str]
+        self,
+        gray: np.ndarray,
+        mode: str,
+        heads: tuple[str, ...],
+        settings: GateSettings,
+        fingerprints: dict[str, str],
+        metadata: np.ndarray | None = None,
     ) -> Lookup:
-        """The entry for this request, if any; ``fingerprints`` are those of the models that could answer."""
+        """The entry for this request, if any; ``fingerprints`` are those of the models that could answer,
+        ``metadata`` the request's encoded patient metadata (None: all missing)."""
         if self.store is None or any(not fingerprints.get(role) for role in roles_for(mode)):
             return Lookup()
-        lookup = Lookup(await asyncio.to_thread(image_digest, gray), dict(fingerprints))
+        lookup = Lookup(await asyncio.to_thread(image_digest, gray), dict(fingerprints), metadata=metadata)
         if self._resting():
             return lookup
-        key = cache_key(lookup.digest, mode, heads, settings, lookup.fingerprints)
+        key = cache_key(lookup.digest, mode, heads, settings, lookup.fingerprints, lookup.metadata)
         try:
             lookup.value = await self.store.get(key)
         except CacheStoreError as err:
@@ -275,7 +304,7 @@ class ResultCache:
         if self.store is None or lookup.digest is None or self._resting():
             return
         fingerprints = {**lookup.fingerprints, **{k: v for k, v in result.get("fingerprints", {}).items() if v}}
-        key = cache_key(lookup.digest, mode, heads, settings, fingerprints)
+        key = cache_key(lookup.digest, mode, heads, settings, fingerprints, lookup.metadata)
         try:
             await self.store.put(key, cache_value(result))
         except CacheStoreError as err:

@@ -5,7 +5,8 @@ The map itself runs on the model replicas (``ModelReplica.explain``, ``models.ex
 fuses the two maps for ``model=ensemble`` and draws the overlay, both a few milliseconds. ``method=grad-cam`` (the
 default) works for every model; ``method=attention`` (the class token's attention, ``models.explain.attention_map``)
 only for models that have one (the hybrid CNN + Transformer): each replica lists its methods in ``describe()``
-(``explain_methods``), and a role without the method asked for is refused with 400 ``unsupported_method``.
+(``explain_methods``), and a role without the method asked for is refused with 400 ``unsupported_method``. ``head``
+is any head of the served checkpoint (``resolve_head``; default its first), ``target`` any class of that head.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import numpy as np
 from PIL import Image
 from starlette.datastructures import QueryParams
 
-from models.ensemble import HEADS
 from models.explain import GRAD_CAM, METHODS, overlay
+from models.labels import LabelSpace
 from serve.inputs import InputRejected
 
 EXPLAIN_MODELS = ("cnn", "vit", "ensemble")
@@ -29,7 +30,7 @@ OVERLAY_MIN_SIZE = 256  # small model inputs (64 px) are drawn larger so the ove
 
 @dataclass(frozen=True)
 class ExplainQuery:
-    head: str
+    head: str | None  # None: the model's first head; checked against the model's heads by ``resolve_head``
     target: str | None  # None: the most probable label of ``head`` under ``model``
     model: str
     format: str
@@ -37,10 +38,8 @@ class ExplainQuery:
 
     @classmethod
     def from_params(cls, params: QueryParams) -> ExplainQuery:
-        head, model, fmt = params.get("head", "nih14"), params.get("model", "cnn"), params.get("format", "json")
+        head, model, fmt = params.get("head") or None, params.get("model", "cnn"), params.get("format", "json")
         method = params.get("method", GRAD_CAM)
-        if head not in HEADS:
-            raise InputRejected(400, "bad_head", f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if model not in EXPLAIN_MODELS:
             raise InputRejected(400, "bad_model", f"model must be one of {', '.join(EXPLAIN_MODELS)}, got {model!r}")
         if fmt not in FORMATS:
@@ -67,11 +66,22 @@ def check_method(method: str, infos: dict[str, dict[str, Any]]) -> None:
             )
 
 
-def target_index(labels: dict[str, list[str]], head: str, target: str) -> int:
-    names = list(labels[head])
-    if target not in names:
-        raise InputRejected(400, "bad_target", f"target {target!r} is not a {head} label; known: {', '.join(names)}")
-    return names.index(target)
+def resolve_head(head: str | None, spaces: tuple[LabelSpace, ...]) -> LabelSpace:
+    """The label space of ``head`` among the model's (None: its first head); 400 ``bad_head`` names the known ones."""
+    if head is None:
+        return spaces[0]
+    for space in spaces:
+        if space.head == head:
+            return space
+    known = ", ".join(space.head for space in spaces)
+    raise InputRejected(400, "bad_head", f"head must be one of the model's heads ({known}), got {head!r}")
+
+
+def target_index(space: LabelSpace, target: str) -> int:
+    if target not in space.classes:
+        known = ", ".join(space.classes)
+        raise InputRejected(400, "bad_target", f"target {target!r} is not a {space.head} label; known: {known}")
+    return space.classes.index(target)
 
 
 def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:

@@ -1,7 +1,8 @@
 """The ONNX Runtime backend of a model replica (``serve.<role>.backend: onnx``).
 
 ``OnnxRunner`` takes what ``serve.replicas.probabilities`` takes, uint8 ``[B, 1, S, S]``, and returns the same dict
-(nih14 sigmoid, covid softmax, float32). It runs on CPU with as many intra-op threads as the replica gives torch.
+(``{head: probabilities}``, float32, the heads and their sigmoid/softmax rebuilt from the label spaces in the file's
+metadata). It runs on CPU with as many intra-op threads as the replica gives torch.
 Before it serves, the file's metadata must match the checkpoint the replica loaded (arch, input size, mean/std,
 label spaces, storage size): an export of another model fails the replica's start with the file and the field.
 
@@ -21,6 +22,7 @@ from models.onnx_export import (
     OnnxMetadataError,
     build_metadata,
     check_metadata,
+    metadata_label_spaces,
     onnx_logits,
     ort_session,
     probabilities_from_logits,
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class OnnxRunner:
-    """One ONNX Runtime session over an exported model; ``runner(batch) -> {"nih14": ..., "covid": ...}``."""
+    """One ONNX Runtime session over an exported model; ``runner(batch) -> {head: probabilities}``."""
 
     def __init__(self, path: str | Path, threads: int) -> None:
         self.path = Path(path)
@@ -38,6 +40,7 @@ class OnnxRunner:
             raise FileNotFoundError(f"ONNX model {self.path} not found (serve.<role>.onnx_model or `cxr export`)")
         self.session = ort_session(self.path, threads)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.label_spaces = metadata_label_spaces(self.path, self.metadata)
         self.sha256 = file_sha256(self.path)
         self.threads = threads
 
@@ -47,7 +50,7 @@ class OnnxRunner:
         check_metadata(self.path, self.metadata, expected)
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return probabilities_from_logits(onnx_logits(self.session, batch))
+        return probabilities_from_logits(onnx_logits(self.session, batch), self.label_spaces)
 
     def info(self) -> dict[str, Any]:
         return {

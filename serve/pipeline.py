@@ -1,14 +1,18 @@
 """One image through the ensemble: preprocess once per input size, ask the CNN, gate, ask the ViT only if needed.
 
 The gate and the fusion are ``models.ensemble.needs_vit`` and ``fuse``, the same functions evaluation and tuning
-use. Model replicas are reached through ``DeploymentHandle``s; their facts (label spaces, preprocessing, the weights'
-fingerprint) are asked for once and kept until a prediction comes back with another fingerprint (a replica that
-came back with other weights) or, for the result cache's keys, until they are ``FINGERPRINT_MAX_AGE_S`` old.
+use, over the heads of the checkpoints the replicas serve (their label spaces, from ``describe()``): every head is
+answered, and the gate scores the heads the caller reads. Model replicas are reached through ``DeploymentHandle``s;
+their facts (label spaces, preprocessing, the weights' fingerprint) are asked for once and kept until a prediction
+comes back with another fingerprint (a replica that came back with other weights) or, for the result
+cache's keys, until they are ``FINGERPRINT_MAX_AGE_S`` old. The request's patient metadata row travels to every
+replica with the image; a replica whose model has no fusion head ignores it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -17,8 +21,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from models.checkpoint import PreprocessSpec
-from models.ensemble import HEADS, confidence, fuse, needs_vit
+from models.ensemble import confidence, fuse, needs_vit
 from models.explain import fuse_maps
+from models.labels import LabelSpace, by_head, spaces_from_dicts
 from serve.preprocess import Preprocessor
 from serve.schema import GateSettings
 
@@ -73,6 +78,23 @@ class EnsemblePipeline:
         self.info[role] = await self.call(role, "describe", timeout_s=timeout_s)
         self.described_at[role] = time.monotonic()
 
+    async def label_spaces(self, role: str, timeout_s: float | None = None) -> tuple[LabelSpace, ...]:
+        """The heads the role's checkpoint has, in order (from its ``describe()``)."""
+        return spaces_from_dicts((await self.describe(role, timeout_s))["label_spaces"])
+
+    def _fusable(self) -> None:
+        """CNN and ViT answers are fused head by head: both checkpoints must have the same label spaces."""
+        cnn, vit = (self.info.get(role, {}).get("label_spaces") for role in ROLES)
+        if cnn != vit:
+            heads = {role: [space["head"] for space in self.info[role]["label_spaces"]] for role in ROLES}
+            raise ModelUnavailable(
+                "label_spaces_differ", f"the cnn and vit checkpoints have other heads or classes ({heads}): no fusion"
+            )
+
+    def metadata_users(self, roles: list[str]) -> list[str]:
+        """Of ``roles`` (the models that answered, so already described), those whose answers read the metadata."""
+        return [role for role in roles if self.info.get(role, {}).get("metadata_fusion")]
+
     async def fingerprints(self, roles: tuple[str, ...], timeout_s: float | None = None) -> dict[str, str | None]:
         """The weights each role serves now (at most ``FINGERPRINT_MAX_AGE_S`` old), for the result cache's key."""
         infos = await asyncio.gather(
@@ -96,14 +118,22 @@ class EnsemblePipeline:
         return cache[spec]
 
     async def predict(
-        self, role: str, gray: np.ndarray, cache: dict, timings: dict[str, float], answered: dict | None = None
+        self,
+        role: str,
+        gray: np.ndarray,
+        cache: dict,
+        timings: dict[str, float],
+        answered: dict | None = None,
+        metadata: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """Probabilities per head; ``answered`` (if given) gets the answering replica's weights fingerprint."""
+        """Probabilities per head; ``answered`` (if given) gets the answering replica's weights fingerprint;
+        ``metadata``: the patient metadata row (``models.metadata.encode``), None when every field is missing."""
         started = time.perf_counter()
         image = await self.model_input(role, gray, cache)
         timings["preprocess_ms"] = timings.get("preprocess_ms", 0.0) + (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
-        probs = await self.call(role, "predict", image)
+        # always two arguments: serve.batch refuses a batch whose requests pass different numbers of them
+        probs = await self.call(role, "predict", image, metadata)
         timings[f"{role}_ms"] = (time.perf_counter() - started) * 1e3
         fingerprint = probs.pop("fingerprint", None)  # the replica's, next to the heads
         self._answered_by(role, fingerprint)
@@ -112,36 +142,44 @@ class EnsemblePipeline:
         return probs
 
     async def answer(
-        self, gray: np.ndarray, mode: str, settings: GateSettings, heads: tuple[str, ...] = HEADS
+        self,
+        gray: np.ndarray,
+        mode: str,
+        settings: GateSettings,
+        heads: tuple[str, ...] | None = None,
+        metadata: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """Probabilities, the models used, the CNN's confidence, whether the gate escalated, timings and fingerprints.
 
-        The gate scores the CNN on ``heads`` only (the heads the caller reads), as evaluation and tuning score
-        each image on its own dataset's head; both heads are answered either way."""
-        scored = {head: np.array([head in heads]) for head in HEADS}
+        The gate scores the CNN on ``heads`` only (the heads the caller reads; None: every head), as evaluation and
+        tuning score each image on its own dataset's head; every head is answered either way. ``metadata`` goes to
+        every model asked (see ``predict``)."""
+        ask = functools.partial(self.predict, metadata=metadata)
         cache: dict[PreprocessSpec, np.ndarray] = {}
         timings: dict[str, float] = {}
         answered: dict[str, str | None] = {}  # role -> fingerprint of the replica that answered
         cnn_confidence = None
         escalated = False
         if mode == "vit":
-            probs, used = await self.predict("vit", gray, cache, timings, answered), ["vit"]
+            probs, used = await ask("vit", gray, cache, timings, answered), ["vit"]
         elif mode == "ensemble":
             p_cnn, p_vit = await asyncio.gather(
-                self.predict("cnn", gray, cache, timings, answered), self.predict("vit", gray, cache, timings, answered)
+                ask("cnn", gray, cache, timings, answered), ask("vit", gray, cache, timings, answered)
             )
+            self._fusable()
             probs, used = fuse(p_cnn, p_vit, settings.w_cnn), ["cnn", "vit"]
         else:
-            p_cnn = await self.predict("cnn", gray, cache, timings, answered)
+            p_cnn = await ask("cnn", gray, cache, timings, answered)
             probs, used = p_cnn, ["cnn"]
             if mode == "adaptive":
-                batch = {head: np.asarray(values)[None] for head, values in p_cnn.items()}
-                escalated = bool(needs_vit(batch, settings.threshold, scored)[0])
+                batch, spaces, scored = await self._gated(p_cnn, heads)
+                escalated = bool(needs_vit(batch, spaces, settings.threshold, scored)[0])
                 if escalated:
-                    p_vit = await self.predict("vit", gray, cache, timings, answered)
+                    p_vit = await ask("vit", gray, cache, timings, answered)
+                    self._fusable()
                     probs, used = fuse(p_cnn, p_vit, settings.w_cnn), ["cnn", "vit"]
         if "cnn" in used:
-            cnn_confidence = float(confidence({h: np.asarray(v)[None] for h, v in p_cnn.items()}, scored)[0])
+            cnn_confidence = float(confidence(*await self._gated(p_cnn, heads))[0])
         return {
             "probs": probs,
             "models_used": used,
@@ -151,30 +189,39 @@ class EnsemblePipeline:
             "fingerprints": answered,
         }
 
+    async def _gated(self, p_cnn: dict[str, Any], heads: tuple[str, ...] | None) -> tuple[dict, dict, dict]:
+        """(the CNN's probabilities as a batch of one, its label spaces by head, the heads scored) for the gate."""
+        spaces = by_head(await self.label_spaces("cnn"))
+        batch = {head: np.asarray(values)[None] for head, values in p_cnn.items()}
+        return batch, spaces, {head: np.array([heads is None or head in heads]) for head in batch}
+
     async def explain(
         self,
         gray: np.ndarray,
         roles: tuple[str, ...],
-        head: str,
+        head: str | None,
         target: str | None,
         w_cnn: float,
         method: str = "grad-cam",
     ) -> dict[str, Any]:
         """The ``method`` map (Grad-CAM, or attention where every role has it) of ``target`` (default: the most
-        probable label of ``head``) from each role, fused for the ensemble with the gate's weight; also the model
-        input the map belongs to, for the overlay."""
-        from serve.explanations import check_method, target_index  # serving-only; keeps Starlette out of here
+        probable label of ``head``; ``head`` None: the model's first head) from each role, fused for the ensemble
+        with the gate's weight; also the model input the map belongs to, for the overlay."""
+        from serve.explanations import check_method, resolve_head, target_index  # keeps Starlette out of here
 
         cache: dict[PreprocessSpec, np.ndarray] = {}
         timings: dict[str, float] = {}
         infos = await asyncio.gather(*(self.describe(role) for role in roles))
         check_method(method, dict(zip(roles, infos, strict=True)))
-        labels = infos[0]["label_spaces"]
+        if len(roles) == 2:
+            self._fusable()
+        space = resolve_head(head, spaces_from_dicts(infos[0]["label_spaces"]))
+        head = space.head
         if target is None:
             probs = await asyncio.gather(*(self.predict(role, gray, cache, timings) for role in roles))
             fused = fuse(probs[0], probs[1], w_cnn) if len(roles) == 2 else probs[0]
-            target = labels[head][int(np.argmax(fused[head]))]
-        index = target_index(labels, head, target)
+            target = space.classes[int(np.argmax(fused[head]))]
+        index = target_index(space, target)
         started = time.perf_counter()
         images = await asyncio.gather(*(self.model_input(role, gray, cache) for role in roles))
         found = await asyncio.gather(
@@ -187,6 +234,7 @@ class EnsemblePipeline:
         else:
             cam, probability = found[0]["cam"], found[0]["probability"]
         return {
+            "head": head,
             "target": target,
             "cam": cam,
             "probability": float(probability),

@@ -1,10 +1,16 @@
 """The CNN and ViT model deployments: one network per replica, requests batched with ``@serve.batch``.
 
-A replica takes preprocessed uint8 images ``[1, S, S]`` (the router decodes and preprocesses once) and returns
-probabilities per head (nih14 sigmoid, covid softmax) as numpy arrays, plus ``"fingerprint"``: the sha256 of the
+A replica takes preprocessed uint8 images ``[1, S, S]`` (the router decodes and preprocesses once), each with its
+patient metadata row (``models.metadata.FEATURES``, float32, or None: all missing), and returns
+probabilities for every head of the checkpoint (``{head: probs}``, each sigmoid or softmax as its label space says)
+as numpy arrays, plus ``"fingerprint"``: the sha256 of the
 weights it serves (``serve.cache.model_fingerprint``, also in ``describe()``), which keys the router's result cache.
 The forward pass runs in a worker thread, so the replica's event loop keeps queueing the next batch meanwhile.
 With ``serve.<role>.backend: onnx`` a CPU replica computes them with ONNX Runtime (``serve/onnx_backend.py``).
+
+Only a model with the fusion head (``model.uses_metadata``) is given the metadata, as a ``[B, 8]`` tensor; others
+are called with images alone, as before. The ONNX export takes images only, so an ONNX replica of a fusion model
+answers as if every field were missing, and says so: ``describe()["metadata_fusion"]`` is false there.
 """
 
 from __future__ import annotations
@@ -68,6 +74,11 @@ class ModelReplica:
             source, payload, self.info["preprocessing"]["storage_size"], self.device, threads
         )
         self.info.update(backend_info)
+        fusion = bool(getattr(self.model, "uses_metadata", False))
+        if fusion and self._runner is not None:
+            log.warning("%s: the ONNX export takes images only: metadata is ignored", source["role"])
+        # whether this replica's answers read the metadata (the router reports it as the answer's metadata.used_by)
+        self.info["metadata_fusion"] = fusion and self._runner is None
         del payload  # the optimizer state is not needed to serve
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.predict.set_max_batch_size(batch_max_size)
@@ -81,19 +92,24 @@ class ModelReplica:
         return self.info
 
     @serve.batch(max_batch_size=DEFAULT_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    async def predict(
+        self, images: list[np.ndarray], metadata: list[np.ndarray | None] | None = None
+    ) -> list[dict[str, Any]]:
+        """One entry per request; ``metadata`` (one row or None per request, batched by ``serve.batch`` like the
+        images) reaches the model only when it has the fusion head."""
         batch = np.stack(images)
-        probs = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch)
+        rows = metadata_batch(metadata, len(images)) if self.info["metadata_fusion"] else None
+        probs = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch, rows)
         fingerprint = self.info["fingerprint"]  # which weights answered: the router keys its cache by it
         return [
             {**{head: values[i] for head, values in probs.items()}, "fingerprint": fingerprint}
             for i in range(len(images))
         ]
 
-    def _forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def _forward(self, batch: np.ndarray, metadata: np.ndarray | None) -> dict[str, np.ndarray]:
         if self._runner is not None:
-            return self._runner(batch)
-        return probabilities(self.model, batch, self.device)
+            return self._runner(batch)  # images only (see the module docstring)
+        return probabilities(self.model, batch, self.device, metadata)
 
     async def explain(self, image: np.ndarray, head: str, target: int, method: str = "grad-cam") -> dict[str, Any]:
         """The ``method`` map (``info["explain_methods"]``) of one label for one preprocessed image; not batched (a
@@ -109,16 +125,29 @@ class ModelReplica:
         return explain(self.model, image[None], head, target, method)[0]
 
 
-def probabilities(model, batch: np.ndarray, device) -> dict[str, np.ndarray]:
-    """uint8 [B, 1, S, S] -> {"nih14": sigmoid [B, 14], "covid": softmax [B, C]}; the benchmark's direct path too."""
+def metadata_batch(metadata: list[np.ndarray | None] | None, size: int) -> np.ndarray:
+    """float32 ``[size, len(FEATURES)]``: each request's row, the all-missing row for a request without one."""
+    from models.metadata import encode
+
+    rows = metadata if metadata is not None else [None] * size
+    assert len(rows) == size, "serve.batch hands one metadata entry per image"
+    missing = encode()
+    return np.stack([missing if row is None else np.asarray(row, np.float32).reshape(-1) for row in rows])
+
+
+def probabilities(model, batch: np.ndarray, device, metadata: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """uint8 [B, 1, S, S] (and, for a fusion model, metadata float32 [B, F]) -> {head: probabilities [B, K]} for
+    every head of ``model`` (its label spaces' sigmoid or softmax), in head order; the benchmark's direct path too.
+    ``metadata`` None: every field missing (the model's own default)."""
     import torch
 
     with torch.inference_mode():
-        logits = model(torch.from_numpy(batch).to(device, non_blocking=True))
-        return {
-            "nih14": torch.sigmoid(logits["nih14"].float()).cpu().numpy(),
-            "covid": torch.softmax(logits["covid"].float(), dim=-1).cpu().numpy(),
-        }
+        images = torch.from_numpy(batch).to(device, non_blocking=True)
+        if metadata is None:
+            logits = model(images)
+        else:
+            logits = model(images, torch.from_numpy(metadata).to(device, non_blocking=True))
+        return {space.head: space.probabilities(logits[space.head]).cpu().numpy() for space in model.label_spaces}
 
 
 def torch_threads(num_cpus: float) -> int:

@@ -1,14 +1,22 @@
 """``EnsembleRouter``: the HTTP ingress (a Starlette app inside a Serve deployment) in front of the two models.
 
 Routes (JSON unless said):
-    POST /v1/predict[?mode=adaptive|cnn|vit|ensemble][&head=nih14|covid]   one image: multipart file or raw body
-    POST /v1/predict/batch[?mode=...]                   several file parts: one result or error per image, in order
-    POST /v1/explain?head=nih14|covid[&target=NAME][&model=cnn|vit|ensemble][&format=png][&method=grad-cam|attention]
+    POST /v1/predict[?mode=adaptive|cnn|vit|ensemble][&head=HEAD]   one image: multipart file or raw body
+    POST /v1/predict/batch[?mode=...][&head=HEAD]       several file parts: one result or error per image, in order
+    POST /v1/explain[?head=HEAD][&target=NAME][&model=cnn|vit|ensemble][&format=png][&method=grad-cam|attention]
                                                         Grad-CAM (or attention, for models that have it) of one
                                                         label: raw map + overlay PNG (or the PNG)
     GET  /                                              the upload page (serve/web/), its files under /static/
     GET  /v1/health                                     200 only when both models are loaded (never needs the key)
     GET  /v1/model                                      versions, checkpoints, label spaces, ensemble, cache settings
+
+``HEAD`` is any head of the served checkpoints (their label spaces; ``GET /v1/model`` lists them): a prediction
+answers every head, and ``?head=`` names the one the gate scores (default: all of them); an unknown head is 400
+``bad_head`` naming the known ones. The answer's shape is ``serve.schema.prediction_body``.
+
+Predictions take optional patient metadata for models with the fusion head (``serve/metadata.py``): multipart form
+fields or query parameters ``age``, ``sex`` (M|F), ``view_position`` (PA|AP), for every image of the request, else a
+DICOM upload's header; an invalid field is 400 ``bad_metadata``. The answer's ``metadata`` says what was used.
 
 The Starlette app is built per replica by ``__serve_build_asgi_app__`` (``serve.ingress()`` without an app), so
 its routes close over this replica's handles and live gate settings. ``reconfigure`` takes the ``user_config``
@@ -32,14 +40,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from models.ensemble import HEADS
 from serve.cache import Lookup, ResultCache, roles_for
 from serve.explanations import ExplainQuery, map_json, overlay_png
 from serve.inputs import InputLimits, InputRejected, decode_upload
+from serve.metadata import PatientMetadata, decode_with_metadata, request_fields
 from serve.metrics import ServeMetrics
 from serve.pipeline import ROLES, EnsemblePipeline, ModelUnavailable
 from serve.schema import API_VERSION, MODES, GateSettings, error_body, prediction_body
-from serve.uploads import Upload, read_uploads
+from serve.uploads import Upload, read_request, read_uploads
 from serve.web import web_routes
 
 log = logging.getLogger(__name__)
@@ -108,14 +116,18 @@ class EnsembleRouter:
             raise InputRejected(400, "bad_mode", f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         return mode
 
-    @staticmethod
-    def _gate_heads(request: Request) -> tuple[str, ...]:
-        """The heads the caller will read (``?head=``), which the gate scores; both unless one is named."""
+    async def _gate_heads(self, request: Request, mode: str) -> tuple[str, ...]:
+        """The heads the caller will read (``?head=``), which the gate scores: every head of the model that answers
+        first in ``mode`` unless one is named."""
+        spaces = await self.pipeline.label_spaces(roles_for(mode)[0])
+        known = tuple(space.head for space in spaces)
         head = request.query_params.get("head")
         if head is None:
-            return HEADS
-        if head not in HEADS:
-            raise InputRejected(400, "bad_head", f"head must be one of {', '.join(HEADS)}, got {head!r}")
+            return known
+        if head not in known:
+            raise InputRejected(
+                400, "bad_head", f"head must be one of the model's heads ({', '.join(known)}), got {head!r}"
+            )
         return (head,)
 
     # ------------------------------------------------------------------------------------------ routes
@@ -127,12 +139,16 @@ class EnsembleRouter:
             self.metrics.answered("predict", mode, 401)
             return denied
         try:
-            mode, heads = self._mode(request), self._gate_heads(request)
-            uploads = await read_uploads(request, self.limits.max_bytes, 1)
-            status, body = await self._answer_one(uploads[0], mode, heads, started)
+            mode = self._mode(request)
+            heads = await self._gate_heads(request, mode)
+            uploads, form = await read_request(request, self.limits.max_bytes, 1)
+            explicit = request_fields(form, request.query_params)
+            status, body = await self._answer_one(uploads[0], mode, heads, started, explicit)
         except InputRejected as err:
             self.metrics.rejected(err.reason)
             status, body = err.status, err.as_json()
+        except ModelUnavailable as err:
+            status, body = 503, error_body(503, err.reason, err.detail)
         self.metrics.answered("predict", mode, status)
         return JSONResponse(body, status_code=status)
 
@@ -143,15 +159,22 @@ class EnsembleRouter:
             self.metrics.answered("batch", mode, 401)
             return denied
         try:
-            mode, heads = self._mode(request), self._gate_heads(request)
+            mode = self._mode(request)
+            heads = await self._gate_heads(request, mode)
             if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                 raise InputRejected(400, "expected_multipart", "send the images as file parts of multipart/form-data")
-            uploads = await read_uploads(request, self.limits.max_bytes, self.max_batch_images)
+            uploads, form = await read_request(request, self.limits.max_bytes, self.max_batch_images)
+            explicit = request_fields(form, request.query_params)  # for every image of the request
         except InputRejected as err:
             self.metrics.rejected(err.reason)
             self.metrics.answered("batch", mode, err.status)
             return JSONResponse(err.as_json(), status_code=err.status)
-        answers = await asyncio.gather(*(self._answer_one(upload, mode, heads, started) for upload in uploads))
+        except ModelUnavailable as err:
+            self.metrics.answered("batch", mode, 503)
+            return _error(503, err.reason, err.detail)
+        answers = await asyncio.gather(
+            *(self._answer_one(upload, mode, heads, started, explicit) for upload in uploads)
+        )
         results = []
         for index, (upload, (status, body)) in enumerate(zip(uploads, answers, strict=True)):
             self.metrics.answered("batch", mode, status)
@@ -160,17 +183,20 @@ class EnsembleRouter:
         return JSONResponse({"api_version": API_VERSION, "mode": mode, "results": results, "latency_ms": elapsed_ms})
 
     async def _answer_one(
-        self, upload: Upload, mode: str, heads: tuple[str, ...], started: float
+        self, upload: Upload, mode: str, heads: tuple[str, ...], started: float, explicit: dict[str, Any]
     ) -> tuple[int, dict[str, Any]]:
-        """(status, body) for one image; never raises on input, so a batch answers every image."""
+        """(status, body) for one image; never raises on input, so a batch answers every image. ``explicit``: the
+        request's validated metadata fields (``serve.metadata.request_fields``); a DICOM header fills the rest."""
         settings = self.settings  # one consistent snapshot even if reconfigure lands mid-request
         try:
             if upload.rejected is not None:
                 raise upload.rejected
             decode_started = time.perf_counter()
-            gray, image_format = await asyncio.to_thread(decode_upload, upload.data, self.limits)
+            gray, image_format, metadata = await asyncio.to_thread(
+                decode_with_metadata, upload.data, self.limits, explicit
+            )
             decode_ms = (time.perf_counter() - decode_started) * 1e3
-            result, cached = await self._cached_answer(gray, mode, heads, settings)
+            result, cached = await self._cached_answer(gray, mode, heads, settings, metadata)
         except InputRejected as err:
             self.metrics.rejected(err.reason)
             return err.status, err.as_json()
@@ -181,11 +207,11 @@ class EnsembleRouter:
             return 500, error_body(500, "internal", type(err).__name__)
         if result["escalated"] and not cached.hit:  # a cached answer called no ViT
             self.metrics.escalated()
-        labels = (await self.pipeline.describe(result["models_used"][0]))["label_spaces"]
+        spaces = await self.pipeline.label_spaces(result["models_used"][0])
         body = {
             "api_version": API_VERSION,
             "mode": mode,
-            **prediction_body(result["probs"], labels, settings),
+            **prediction_body(result["probs"], spaces, settings),
             "cnn_confidence": result["cnn_confidence"],
             "models_used": result["models_used"],
             "gate": {
@@ -196,6 +222,7 @@ class EnsembleRouter:
             },
             "model_versions": {role: self.pipeline.info[role]["version"] for role in result["models_used"]},
             "input": {"format": image_format, "width": int(gray.shape[1]), "height": int(gray.shape[0])},
+            "metadata": metadata.as_json(self.pipeline.metadata_users(result["models_used"])),
             "cache": self.cache.marker(cached),
             "latency_ms": {
                 "total": (time.perf_counter() - started) * 1e3,
@@ -206,19 +233,26 @@ class EnsembleRouter:
         return 200, body
 
     async def _cached_answer(
-        self, gray: Any, mode: str, heads: tuple[str, ...], settings: GateSettings
+        self,
+        gray: Any,
+        mode: str,
+        heads: tuple[str, ...],
+        settings: GateSettings,
+        metadata: PatientMetadata | None = None,
     ) -> tuple[dict[str, Any], Lookup]:
-        """The pipeline's answer, from the result cache when it holds one for these pixels, weights and gate."""
+        """The pipeline's answer, from the result cache when it holds one for these pixels, metadata (None: every
+        field missing), weights and gate."""
+        vector = metadata.vector() if metadata is not None else None
         fingerprints: dict[str, str | None] = {}
         if self.cache.enabled:
             try:
                 fingerprints = await self.pipeline.fingerprints(roles_for(mode), HEALTH_TIMEOUT_S)
             except ModelUnavailable:  # e.g. the ViT is down: an adaptive request the CNN settles still succeeds
                 fingerprints = {}  # unknown weights: answered uncached
-        lookup = await self.cache.lookup(gray, mode, heads, settings, fingerprints)
+        lookup = await self.cache.lookup(gray, mode, heads, settings, fingerprints, vector)
         if lookup.value is not None:
             return lookup.value, lookup
-        result = await self.pipeline.answer(gray, mode, settings, heads)
+        result = await self.pipeline.answer(gray, mode, settings, heads, vector)
         await self.cache.remember(lookup, mode, heads, settings, result)
         return result, lookup
 
@@ -256,7 +290,7 @@ class EnsembleRouter:
             return Response(png, media_type="image/png")
         body = {
             "api_version": API_VERSION,
-            "head": query.head,
+            "head": found["head"],
             "target": found["target"],
             "model": query.model,
             "probability": found["probability"],

@@ -1,17 +1,23 @@
-"""The JSON the HTTP API answers with (version v1): predictions, errors and the live gate settings."""
+"""The JSON the HTTP API answers with (version v1): predictions, errors and the live gate settings.
+
+A prediction answers every head of the model (its label spaces, from the checkpoint): ``heads`` lists them in
+order and each has its object under its own name (``head_answer``), so no head is named here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from models.ensemble import confidence
-from models.labels import abnormal_probability
+from models.labels import LabelSpace, by_head
 
 API_VERSION = "v1"
 MODES = ("adaptive", "cnn", "vit", "ensemble")
+BINARY_CUTOFF = 0.5  # a multi-class head's binary answer is "yes" from this probability of its non-negative classes
 
 
 @dataclass(frozen=True)
@@ -47,29 +53,43 @@ def error_body(status: int, reason: str, detail: str) -> dict[str, Any]:
     return {"error": {"status": status, "reason": reason, "detail": detail}}
 
 
+def head_answer(space: LabelSpace, probs: np.ndarray, settings: GateSettings) -> dict[str, Any]:
+    """One head's part of a prediction: its probabilities by class, then
+
+    - multi-label: ``findings``, the classes at or above their threshold (``finding_thresholds`` by class name, else
+      ``finding_threshold``); multi-class: ``top_class`` and ``top_probability``;
+    - ``binary``: the head's derived yes/no answer (``LabelSpace.binary``), or null for heads without one:
+      ``{"name", "probability", "positive"}``; positive when a finding is reported (multi-label) or when the
+      probability of the non-negative classes is at least ``BINARY_CUTOFF`` (multi-class).
+    """
+    values = [float(p) for p in np.asarray(probs).ravel()]
+    answer: dict[str, Any] = {
+        "multi_label": space.multi_label,
+        "probabilities": dict(zip(space.classes, values, strict=True)),
+    }
+    if space.multi_label:
+        cutoff = {name: settings.finding_thresholds.get(name, settings.finding_threshold) for name in space.classes}
+        answer["findings"] = [name for name, p in zip(space.classes, values, strict=True) if p >= cutoff[name]]
+    else:
+        top = int(np.argmax(values))
+        answer["top_class"], answer["top_probability"] = space.classes[top], values[top]
+    answer["binary"] = None
+    if space.binary is not None:
+        probability = float(space.binary_probability(np.asarray(values)))
+        positive = bool(answer["findings"]) if space.multi_label else probability >= BINARY_CUTOFF
+        answer["binary"] = {"name": space.binary, "probability": probability, "positive": positive}
+    return answer
+
+
 def prediction_body(
-    probs: dict[str, np.ndarray], labels: dict[str, list[str]], settings: GateSettings
+    probs: dict[str, np.ndarray], spaces: Sequence[LabelSpace], settings: GateSettings
 ) -> dict[str, Any]:
-    """Probabilities per head, the findings at or above their thresholds and the abnormal answer, the covid top
-    class, and confidence."""
-    nih = [float(p) for p in np.asarray(probs["nih14"]).ravel()]
-    covid = [float(p) for p in np.asarray(probs["covid"]).ravel()]
-    cutoffs = {name: settings.finding_thresholds.get(name, settings.finding_threshold) for name in labels["nih14"]}
-    findings = [name for name, p in zip(labels["nih14"], nih, strict=True) if p >= cutoffs[name]]
-    top = int(np.argmax(covid))
-    conf = confidence({head: np.asarray(values)[None] for head, values in probs.items()})
+    """``heads`` (the model's heads, in order), one ``head_answer`` per head under its name, and the confidence over
+    every head (``models.ensemble.confidence``)."""
+    spaces = [space for space in spaces if space.head in probs]
+    conf = confidence({space.head: np.asarray(probs[space.head])[None] for space in spaces}, by_head(spaces))
     return {
-        "nih14": {
-            "probabilities": dict(zip(labels["nih14"], nih, strict=True)),
-            "findings": findings,
-            # the binary screening answer: abnormal when any finding is reported
-            "abnormal": bool(findings),
-            "abnormal_probability": float(abnormal_probability(np.asarray(nih))),
-        },
-        "covid": {
-            "probabilities": dict(zip(labels["covid"], covid, strict=True)),
-            "top_class": labels["covid"][top],
-            "top_probability": covid[top],
-        },
+        "heads": [space.head for space in spaces],
+        **{space.head: head_answer(space, probs[space.head], settings) for space in spaces},
         "confidence": float(conf[0]),
     }

@@ -32,7 +32,7 @@ import requests
 from pipelines.artifacts import load_settings
 from pipelines.cli import run_module
 from pipelines.config import Config
-from pipelines.data.shards import shard_files
+from pipelines.data.shards import manifest_label_spaces, shard_files
 from pipelines.runtime import ensure_ray
 
 RESULTS = Path("benchmarks/RESULTS.md")
@@ -57,11 +57,17 @@ def full_size_checkpoints(
     the sizes swap in others (``cxr bench export --tiny``: timm's test models at 64 px)."""
     from models.checkpoint import save_checkpoint
     from models.factory import build_model
+    from pipelines.data.datasets import default_label_spaces
 
     config = {"data": {"storage_size": storage_size}, "model": {"input_size": input_size}}
     return {
         role: save_checkpoint(
-            folder / role, build_model(arch, input_size), role=role, epoch=0, config=config, metrics={}
+            folder / role,
+            build_model(arch, input_size, default_label_spaces()),
+            role=role,
+            epoch=0,
+            config=config,
+            metrics={},
         )
         for role, arch in archs.items()
     }
@@ -71,10 +77,11 @@ def sample_images(cfg: Config, limit: int) -> tuple[list[bytes], list[str]]:
     """Test-split images (stored PNGs) and the head each is scored on, as evaluation and tuning score it."""
     images: list[bytes] = []
     heads: list[str] = []
+    head_of = {space.source: space.head for space in manifest_label_spaces(cfg.data.shards_dir)}
     for file in shard_files(cfg.data.shards_dir, "test"):
         table = pq.read_table(file, columns=["image", "source"])
         images += table.column("image").to_pylist()
-        heads += ["nih14" if source == "nih" else "covid" for source in table.column("source").to_pylist()]
+        heads += [head_of[source] for source in table.column("source").to_pylist()]
         if len(images) >= limit:
             break
     return images[:limit], heads[:limit]

@@ -1,5 +1,6 @@
-// The upload page of the Serve app: one image -> POST v1/predict, bars per head, and on request the heatmap of
-// one label from POST v1/explain. Plain browser JS, no build step and no outside URLs: every call is relative to
+// The upload page of the Serve app: one image -> POST v1/predict, bars per head (every head the model has, in the
+// order of the answer's "heads"; nothing here names one), and on request the heatmap of one label from
+// POST v1/explain. Plain browser JS, no build step and no outside URLs: every call is relative to
 // the page, so the page works under any route prefix that ends in "/".
 "use strict";
 
@@ -16,6 +17,7 @@
     explains: new Map(), // "head|label|model" -> explain body, for the current result
     limits: null,
     settings: null, // the gate settings of v1/model (finding thresholds for the ticks)
+    spaces: [], // the label spaces (heads) of the served model, from v1/model: the head picker's options
     seq: 0, // a newer request makes older answers stale
   };
 
@@ -106,6 +108,9 @@
     if (apiKey()) $("key-hint").textContent = "Key accepted. It is kept in this tab only (sessionStorage).";
     state.limits = info.limits;
     state.settings = info.ensemble;
+    const described = Object.values(info.models).find((m) => Array.isArray(m.label_spaces));
+    state.spaces = described ? described.label_spaces : [];
+    headOptions();
     const parts = Object.entries(info.models).map(([role, m]) =>
       m.version ? `${role}: ${m.version} (${m.arch})` : `${role}: ${m.status || "unknown"}`,
     );
@@ -113,6 +118,16 @@
     parts.push(`gate: w_cnn ${gate.w_cnn}, threshold ${gate.threshold} (${gate.source})`);
     $("versions").textContent = `Model versions: ${parts.join(" · ")} · API ${info.api_version}`;
     if (state.result) renderBars(state.result); // the threshold ticks need the settings
+  }
+
+  function headOptions() {
+    // "all heads" and one option per head of the model; a choice still offered is kept
+    const select = $("head");
+    const chosen = select.value;
+    const kind = (space) => (space.multi_label ? "findings" : "classes");
+    const option = (space) => el("option", { value: space.head, text: `${space.head} (${kind(space)})` });
+    select.replaceChildren(el("option", { value: "", text: "all heads" }), ...state.spaces.map(option));
+    select.value = state.spaces.some((space) => space.head === chosen) ? chosen : "";
   }
 
   // ------------------------------------------------------------------------------------------ file
@@ -182,7 +197,7 @@
   }
 
   function defaultTarget(body) {
-    const head = $("head").value || "nih14";
+    const head = $("head").value || body.heads[0];
     const [label] = sortedEntries(body[head].probabilities)[0];
     return { head, label };
   }
@@ -231,27 +246,39 @@
 
   // ------------------------------------------------------------------------------------------ bars
 
-  function threshold(head, label) {
-    if (head !== "nih14" || !state.settings) return null;
+  function threshold(answer, label) {
+    // multi-label heads list their findings at per-class thresholds; multi-class heads have none
+    if (!answer.multi_label || !state.settings) return null;
     const own = state.settings.finding_thresholds || {};
     return label in own ? own[label] : state.settings.finding_threshold;
   }
 
   function renderBars(body) {
-    const hits = { nih14: new Set(body.nih14.findings), covid: new Set([body.covid.top_class]) };
-    for (const [head, listId] of [["covid", "covid-bars"], ["nih14", "nih-bars"]]) {
-      const rows = sortedEntries(body[head].probabilities).map(([label, p]) => bar(head, label, p, hits[head]));
-      $(listId).replaceChildren(...rows);
-    }
-    const screen = body.nih14;
-    $("nih-abnormal").textContent =
-      `Screening: ${screen.abnormal ? "abnormal (a finding is reported)" : "no finding reported"}; ` +
-      `most likely finding ${(screen.abnormal_probability * 100).toFixed(1)}%`;
+    $("heads").replaceChildren(...body.heads.map((head) => headBlock(head, body[head])));
   }
 
-  function bar(head, label, p, hits) {
+  function headBlock(head, answer) {
+    const hits = new Set(answer.multi_label ? answer.findings : [answer.top_class]);
+    const rows = sortedEntries(answer.probabilities).map(([label, p]) => bar(head, answer, label, p, hits));
+    return el(
+      "section",
+      { class: "head", "data-head": head },
+      el("h3", { id: `title-${head}`, text: `${head}: ${answer.multi_label ? "findings" : "classes"}` }),
+      answer.binary ? el("p", { id: `binary-${head}`, text: binaryText(answer) }) : "",
+      el("ol", { id: `bars-${head}`, class: "bars", "aria-labelledby": `title-${head}` }, ...rows),
+    );
+  }
+
+  function binaryText(answer) {
+    // the head's derived yes/no answer: "positive" follows the reported findings (multi-label) or p >= 0.5
+    const { name, probability, positive } = answer.binary;
+    const why = answer.multi_label ? (positive ? " (a finding is reported)" : " (no finding reported)") : "";
+    return `${name}: ${positive ? "yes" : "no"}${why}; p = ${pct(probability)}`;
+  }
+
+  function bar(head, answer, label, p, hits) {
     const selected = state.selected && state.selected.head === head && state.selected.label === label;
-    const cut = threshold(head, label);
+    const cut = threshold(answer, label);
     const hit = hits.has(label);
     const track = el("span", { class: "bar-track", "aria-hidden": "true" }, el("span", { class: "bar-fill" }));
     track.firstChild.style.width = `${Math.max(0, Math.min(1, p)) * 100}%`;
@@ -260,8 +287,8 @@
       tick.style.left = `${cut * 100}%`;
       track.append(tick);
     }
-    const note = hit ? (head === "nih14" ? ", at or above its threshold" : ", top class") : "";
-    const kind = hit ? (head === "nih14" ? " hit" : " top") : "";
+    const note = hit ? (answer.multi_label ? ", at or above its threshold" : ", top class") : "";
+    const kind = hit ? (answer.multi_label ? " hit" : " top") : "";
     const button = el(
       "button",
       { type: "button", class: `bar${kind}`, "aria-pressed": String(Boolean(selected)) },

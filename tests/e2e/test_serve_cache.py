@@ -94,8 +94,8 @@ def model_info(app: dict) -> dict:
 
 
 def same_answer(first: dict, second: dict) -> bool:
-    keys = ("nih14", "covid", "confidence", "cnn_confidence", "models_used", "gate", "model_versions", "input")
-    return all(first[key] == second[key] for key in keys)
+    keys = ("heads", "confidence", "cnn_confidence", "models_used", "gate", "model_versions", "input")
+    return all(first[key] == second[key] for key in (*keys, *first["heads"]))  # every head's answer too
 
 
 def prometheus_counts(name: str) -> float:

@@ -55,5 +55,6 @@ def test_serve_cnn_on_onnx_answers_like_pytorch(ray_session, tiny_shards, tiny_c
     gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
     model = model_from_checkpoint(checkpoints["cnn"])
     expected = probabilities(model, Preprocessor(PreprocessSpec(64, 64))(gray)[None], "cpu")
-    np.testing.assert_allclose(list(body["nih14"]["probabilities"].values()), expected["nih14"][0], atol=1e-4)
-    np.testing.assert_allclose(list(body["covid"]["probabilities"].values()), expected["covid"][0], atol=1e-4)
+    assert body["heads"] == list(expected) == ["nih14", "covid", "pneumonia"]  # every head, rebuilt from the export
+    for head, probs in expected.items():
+        np.testing.assert_allclose(list(body[head]["probabilities"].values()), probs[0], atol=1e-4)

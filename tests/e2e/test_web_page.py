@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import CONFIG, ROOT, free_port, make_dicom, require_program, wait_healthy
+from tests.helpers import CONFIG, ROOT, SPACES, free_port, make_dicom, require_program, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -171,26 +171,35 @@ def test_bars_and_numbers_are_what_the_api_answers(page, app, xray):
     answer = upload(page, xray)
     body = answer.json()
     assert answer.status == 200 and "mode=adaptive" in answer.url and "head=" not in answer.url
-    page.wait_for_selector("#nih-bars .bar >> nth=13")
+    page.wait_for_selector("#bars-nih14 .bar >> nth=13")
     again = requests.post(
         app + "/v1/predict", files={"file": ("chest.png", xray.read_bytes())}, headers={"X-API-Key": API_KEY}
     ).json()
-    for head, list_id, count in (("covid", "covid-bars", 4), ("nih14", "nih-bars", 14)):
-        bars = shown_bars(page, list_id)
-        assert len(bars) == count
+    # one block per head of the model, in its order, every head drawn in the same loop (pneumonia too)
+    shown = page.eval_on_selector_all("#heads section.head", "blocks => blocks.map(b => b.dataset.head)")
+    assert shown == body["heads"] == [space.head for space in SPACES]
+    for space in SPACES:
+        head = space.head
+        bars = shown_bars(page, f"bars-{head}")
+        assert len(bars) == len(space.classes)
         probs = [bar["p"] for bar in bars]
         assert probs == sorted(probs, reverse=True)
         assert {bar["label"]: bar["p"] for bar in bars} == body[head]["probabilities"]
         for bar in bars:
             assert bar["p"] == pytest.approx(again[head]["probabilities"][bar["label"]], abs=1e-6)
             assert abs(float(bar["text"].rstrip("%")) - bar["p"] * 100) <= 0.05 + 1e-9, bar
-    nih = shown_bars(page, "nih-bars")
-    findings = body["nih14"]["findings"]
-    assert [bar["label"] for bar in nih if bar["hit"]] == [name for name in nih_sorted(body) if name in findings]
-    assert [bar["label"] for bar in shown_bars(page, "covid-bars") if bar["top"]] == [body["covid"]["top_class"]]
-    screening = page.text_content("#nih-abnormal")
-    assert ("abnormal" in screening) == body["nih14"]["abnormal"]
-    assert f"{body['nih14']['abnormal_probability'] * 100:.1f}%" in screening
+        if space.multi_label:
+            findings = body[head]["findings"]
+            assert [bar["label"] for bar in bars if bar["hit"]] == [b["label"] for b in bars if b["label"] in findings]
+        else:
+            assert [bar["label"] for bar in bars if bar["top"]] == [body[head]["top_class"]]
+        binary = body[head]["binary"]
+        assert page.locator(f"#binary-{head}").count() == (binary is not None)
+        if binary is not None:  # e.g. "abnormal: yes (a finding is reported); p = 61.2%", "pneumonia: no; p = 40.3%"
+            text = page.text_content(f"#binary-{head}")
+            assert text.startswith(f"{binary['name']}: {'yes' if binary['positive'] else 'no'}")
+            assert f"{binary['probability'] * 100:.1f}%" in text
+    nih = shown_bars(page, "bars-nih14")
     assert nih[0]["pressed"], "the top finding is selected by default"
     assert (
         page.get_attribute("#models-used", "data-models")
@@ -217,10 +226,15 @@ def test_mode_and_head_choices_are_sent(page):
         page.check("input[name=mode][value=ensemble]")
     assert "mode=ensemble" in forced.value.url
     page.wait_for_function("document.getElementById('models-used').dataset.models === 'cnn,vit'")
+    options = page.eval_on_selector_all("#head option", "options => options.map(o => o.value)")
+    assert options == ["", *(space.head for space in SPACES)]  # from the model's label spaces (v1/model)
     with page.expect_response(lambda response: "/v1/predict" in response.url) as scored:
         page.select_option("#head", "covid")
     assert "mode=ensemble" in scored.value.url and "head=covid" in scored.value.url
     assert scored.value.json()["gate"]["heads"] == ["covid"]
+    with page.expect_response(lambda response: "/v1/predict" in response.url) as third:
+        page.select_option("#head", "pneumonia")
+    assert "head=pneumonia" in third.value.url and third.value.json()["gate"]["heads"] == ["pneumonia"]
     with page.expect_response(lambda response: "/v1/predict" in response.url) as vit:
         page.check("input[name=mode][value=vit]")
     assert vit.value.json()["models_used"] == ["vit"]
@@ -252,7 +266,7 @@ def test_heatmap_overlay_of_the_selected_label(page, app, xray):
     assert float(page.get_attribute("#explain-info", "data-p")) == explained["probability"]
     assert top_finding in page.inner_text("#explain-info")
     # another label, chosen by keyboard: focus its bar and press Enter
-    covid_top = page.locator("#covid-bars .bar").first
+    covid_top = page.locator("#bars-covid .bar").first
     with page.expect_response(lambda response: "/v1/explain" in response.url) as second:
         covid_top.focus()
         page.keyboard.press("Enter")
@@ -261,6 +275,12 @@ def test_heatmap_overlay_of_the_selected_label(page, app, xray):
     page.wait_for_function(
         f"document.getElementById('explain-info').textContent.startsWith({covid_top.get_attribute('data-label')!r})"
     )
+    # the third head's bars explain too: a pneumonia class
+    pneumonia_top = page.locator("#bars-pneumonia .bar").first
+    with page.expect_response(lambda response: "/v1/explain" in response.url) as third:
+        pneumonia_top.click()
+    assert "head=pneumonia" in third.value.url and third.value.status == 200
+    assert third.value.json()["target"] == pneumonia_top.get_attribute("data-label")
 
 
 def test_screenshots_wide_and_narrow(page, xray, tmp_path):

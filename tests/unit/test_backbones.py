@@ -9,6 +9,7 @@ import torch
 
 from models.factory import build_model
 from models.network import _takes_img_size
+from tests.helpers import SPACES
 
 SIZE = 64
 
@@ -21,11 +22,11 @@ SIZE = 64
 )
 def test_backbone_builds_and_answers_every_head(arch):
     torch.manual_seed(0)
-    model = build_model(arch, SIZE).eval()
+    model = build_model(arch, SIZE, SPACES).eval()
     batch = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 1, SIZE, SIZE), dtype=np.uint8))
     with torch.inference_mode():
         logits = model(batch)
-    assert set(logits) == set(model.heads)
+    assert list(logits) == list(model.heads) == [space.head for space in SPACES]
     for name, head in model.heads.items():
         assert logits[name].shape == (2, head.out_features)
         assert torch.isfinite(logits[name]).all()

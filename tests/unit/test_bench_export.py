@@ -38,5 +38,7 @@ def test_bench_export_prints_its_table_and_writes_nothing(tiny_checkpoints, tmp_
         assert float(row[5]) > 0 and float(row[6]) > 0, row  # images/s at batch 1 and 16
         is_demo = row[0] == "| demo"
         assert ("n/a" in row[8]) != is_demo, row  # quality on the test split for the demo models only
+        if is_demo:  # each head's main figure: macro AUROC (multi-label) or accuracy (multi-class)
+            assert all(name in row[8] for name in ("nih14_macro_auroc", "covid_accuracy", "pneumonia_accuracy")), row
     assert "Serve, `?mode=cnn`" not in out and "Result cache" not in out  # --no-serve
     assert "written to" not in out

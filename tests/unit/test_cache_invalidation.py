@@ -15,6 +15,7 @@ from serve.cache import LruStore, ResultCache, cache_key, image_digest, roles_fo
 from serve.pipeline import EnsemblePipeline
 from serve.schema import GateSettings
 from tests.helpers import CACHE_FINGERPRINTS as FINGERPRINTS
+from tests.helpers import SPACES
 from tests.helpers import router_answer as answer
 from tests.helpers import run_async as run
 
@@ -124,10 +125,12 @@ class FakeHandle:
         if method == "describe":
             self.describes += 1
             meta = {"storage_size": 32, "input_size": 32}
-            return {"fingerprint": self.fingerprint, "preprocessing": meta, "label_spaces": {}, "version": "x"}
+            spaces = [space.to_dict() for space in SPACES]
+            return {"fingerprint": self.fingerprint, "preprocessing": meta, "label_spaces": spaces, "version": "x"}
         return {
-            "nih14": np.full(14, 0.5, np.float32),
-            "covid": np.full(4, 0.25, np.float32),
+            "nih14": np.full(14, 0.5, np.float32),  # confidence 0.5
+            "covid": np.full(4, 0.25, np.float32),  # 0.25
+            "pneumonia": np.array([0.1, 0.7, 0.2], np.float32),  # 0.7
             "fingerprint": self.fingerprint,
         }
 
@@ -149,6 +152,24 @@ def test_pipeline_relearns_fingerprints_from_answers_and_with_age(monkeypatch):
         assert await pipeline.fingerprints(("cnn",)) == {"cnn": "newer"}  # no answer needed: it aged out
 
     run(scenario())
+
+
+def test_the_gate_scores_the_heads_asked_for_and_every_head_by_default():
+    """``heads`` (the router's ``?head=``): the CNN's confidence over those heads only; every head is answered."""
+    pipeline = EnsemblePipeline({"cnn": FakeHandle("c"), "vit": FakeHandle("v")}, timeout_s=5)
+    gray = np.zeros((40, 40), np.uint8)
+    settings = GateSettings(w_cnn=0.4, threshold=0.6)
+
+    async def scenario():
+        pneumonia = await pipeline.answer(gray, "adaptive", settings, ("pneumonia",))
+        every = await pipeline.answer(gray, "adaptive", settings)
+        return pneumonia, every
+
+    pneumonia, every = run(scenario())
+    assert pneumonia["cnn_confidence"] == pytest.approx(0.7) and not pneumonia["escalated"]
+    assert set(pneumonia["probs"]) == {"nih14", "covid", "pneumonia"}
+    assert every["cnn_confidence"] == pytest.approx(0.25) and every["escalated"]
+    assert every["models_used"] == ["cnn", "vit"]
 
 
 def test_concurrent_requests_share_one_describe_call(monkeypatch):

@@ -18,7 +18,8 @@ import torch
 import models.chexnet
 from models.chexnet import CHEXNET_LABELS
 from models.factory import PretrainedWeightsError, build_model
-from models.labels import NIH14
+from pipelines.data.datasets.nih import NIH14
+from tests.helpers import SPACES
 
 SIZE = 64
 PREFIX = "module.densenet121."
@@ -71,7 +72,7 @@ def test_chexnet_checkpoint_gives_backbone_and_nih14_head(tmp_path, monkeypatch,
         assert PREFIX + "features.denseblock4.denselayer16.conv.2.weight" in state
     # a file whose rows come in another order says so through the label list the mapping reads
     monkeypatch.setattr(models.chexnet, "CHEXNET_LABELS", labels)
-    model = build_model("densenet121", SIZE, pretrained=save(tmp_path / "model.pth.tar", state)).eval()
+    model = build_model("densenet121", SIZE, SPACES, pretrained=save(tmp_path / "model.pth.tar", state)).eval()
 
     ours = model.state_dict()
     for key, value in source.state_dict().items():
@@ -97,14 +98,14 @@ def test_chexnet_checkpoint_gives_backbone_and_nih14_head(tmp_path, monkeypatch,
 def test_legacy_serialisation_loads_too(tmp_path, source):
     path = tmp_path / "model.pth.tar"
     torch.save({"state_dict": chexnet_state(source, CHEXNET_LABELS)}, path, _use_new_zipfile_serialization=False)
-    model = build_model("densenet121", SIZE, pretrained=path)
+    model = build_model("densenet121", SIZE, SPACES, pretrained=path)
     assert torch.equal(model.heads["nih14"].bias, source.classifier.bias)
 
 
 def test_chexnet_weights_into_another_arch_fail_naming_keys(tmp_path, source):
     path = save(tmp_path / "model.pth.tar", chexnet_state(source, CHEXNET_LABELS))
     with pytest.raises(PretrainedWeightsError, match=r"model\.pth\.tar.*resnet50") as found:
-        build_model("resnet50", SIZE, pretrained=path)
+        build_model("resnet50", SIZE, SPACES, pretrained=path)
     assert "module.densenet121.features.conv0.weight" in str(found.value)
     assert "backbone.conv1.weight" in str(found.value)
 
@@ -130,14 +131,14 @@ def test_a_file_that_does_not_fit_names_the_keys(tmp_path, source, change, named
     else:
         state = {key: value for key, value in state.items() if ".norm5." not in key}
     with pytest.raises(PretrainedWeightsError) as found:
-        build_model("densenet121", SIZE, pretrained=save(tmp_path / "model.pth.tar", state))
+        build_model("densenet121", SIZE, SPACES, pretrained=save(tmp_path / "model.pth.tar", state))
     assert named in str(found.value)
 
 
 def test_a_file_that_pickles_other_objects_is_refused_with_a_recipe(tmp_path, source):
     path = save(tmp_path / "model.pth.tar", chexnet_state(source, CHEXNET_LABELS), args=argparse.Namespace(lr=1e-3))
     with pytest.raises(PretrainedWeightsError, match="argparse.Namespace") as found:
-        build_model("densenet121", SIZE, pretrained=path)
+        build_model("densenet121", SIZE, SPACES, pretrained=path)
     assert "weights_only=False" in str(found.value)  # how to convert a trusted file once
 
 
@@ -146,6 +147,6 @@ def test_a_torchvision_densenet_file_loads_its_backbone(tmp_path, source):
     state = {legacy_name(k): v for k, v in source.state_dict().items() if not k.startswith("classifier.")}
     state["classifier.weight"], state["classifier.bias"] = torch.zeros(1000, 1024), torch.zeros(1000)
     torch.save(state, tmp_path / "densenet121.pth")
-    model = build_model("densenet121", SIZE, pretrained=tmp_path / "densenet121.pth")
+    model = build_model("densenet121", SIZE, SPACES, pretrained=tmp_path / "densenet121.pth")
     block = "features.denseblock2.denselayer3.norm2.running_var"
     assert torch.equal(model.state_dict()[f"backbone.{block}"], source.state_dict()[block])

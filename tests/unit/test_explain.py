@@ -22,7 +22,10 @@ from models.explain import (
     upsample,
 )
 from models.factory import build_model
-from models.labels import NIH14
+from models.labels import label_key
+from pipelines.data.datasets.nih import NIH14
+from pipelines.data.datasets.pneumonia import CLASSES as PNEUMONIA_CLASSES
+from tests.helpers import SPACES
 
 DEMO_VIT_OPTIONS = {"global_pool": "avg", "class_token": False}
 
@@ -36,7 +39,7 @@ def images(count: int, size: int = 64, seed: int = 0) -> np.ndarray:
     [("test_efficientnet", {}, 8), ("test_vit", {}, 4), ("test_vit", DEMO_VIT_OPTIONS, 4)],
 )
 def test_maps_are_on_the_layer_grid_and_probabilities_are_the_models(arch, options, grid):
-    model = build_model(arch, 64, options=options).eval()
+    model = build_model(arch, 64, SPACES, options=options).eval()
     batch = images(3)
     found = grad_cam(model, batch, "nih14", NIH14.index("Effusion"))
     with torch.inference_mode():
@@ -50,8 +53,22 @@ def test_maps_are_on_the_layer_grid_and_probabilities_are_the_models(arch, optio
     assert covid.probability == pytest.approx(float(torch.softmax(logits["covid"][0], -1)[2]), abs=1e-5)
 
 
+def test_any_head_of_the_model_is_explained_with_its_own_probabilities():
+    """The third head (pneumonia, multi-class): softmax over its own classes, a map for each class."""
+    model = build_model("test_efficientnet", 64, SPACES).eval()
+    batch = images(2, seed=3)
+    viral = PNEUMONIA_CLASSES.index("viral")
+    found = grad_cam(model, batch, "pneumonia", viral)
+    with torch.inference_mode():
+        expected = torch.softmax(model(torch.from_numpy(batch))["pneumonia"], -1)[:, viral].numpy()
+    np.testing.assert_allclose([item.probability for item in found], expected, atol=1e-5)
+    assert all(item.cam.max() == pytest.approx(1.0) for item in found)
+    with pytest.raises(ValueError, match="not a class index of head 'pneumonia'"):
+        grad_cam(model, batch, "pneumonia", len(PNEUMONIA_CLASSES))
+
+
 def test_each_image_of_a_batch_gets_its_own_map():
-    model = build_model("test_efficientnet", 64).eval()
+    model = build_model("test_efficientnet", 64, SPACES).eval()
     batch = images(4, seed=1)
     together = grad_cam(model, batch, "nih14", 0)
     for index in range(4):
@@ -60,17 +77,17 @@ def test_each_image_of_a_batch_gets_its_own_map():
 
 
 def test_the_map_depends_on_the_label_asked_for():
-    model = build_model("test_efficientnet", 64).eval()
+    model = build_model("test_efficientnet", 64, SPACES).eval()
     batch = images(1, seed=2)
     maps = [grad_cam(model, batch, "nih14", index)[0].cam for index in range(4)]
     assert any(not np.allclose(maps[0], other, atol=1e-3) for other in maps[1:])
 
 
 def test_cnn_layer_is_the_last_stage_unless_it_is_too_coarse():
-    full = build_model("efficientnet_b0", 224)
+    full = build_model("efficientnet_b0", 224, SPACES)
     assert cnn_layer(full) == FINAL_STAGE  # 7x7 at 224 px: classic Grad-CAM
     assert grad_cam(full, images(1, 224), "nih14", 0)[0].cam.shape == (7, 7)
-    demo = build_model("test_efficientnet", 64)  # its last stage is 2x2 at 64 px
+    demo = build_model("test_efficientnet", 64, SPACES)  # its last stage is 2x2 at 64 px
     layer = cnn_layer(demo)
     assert (
         layer != FINAL_STAGE
@@ -78,13 +95,13 @@ def test_cnn_layer_is_the_last_stage_unless_it_is_too_coarse():
     )
 
 
-def test_unknown_head_is_refused():
-    with pytest.raises(ValueError, match="head must be"):
-        grad_cam(build_model("test_efficientnet", 64), images(1), "chexpert", 0)
+def test_unknown_head_is_refused_naming_the_models_heads():
+    with pytest.raises(ValueError, match="head must be one of nih14, covid, pneumonia, got 'chexpert'"):
+        grad_cam(build_model("test_efficientnet", 64, SPACES), images(1), "chexpert", 0)
 
 
 def test_training_mode_is_restored():
-    model = build_model("test_efficientnet", 64).train()
+    model = build_model("test_efficientnet", 64, SPACES).train()
     grad_cam(model, images(1), "nih14", 0)
     assert model.training
 
@@ -140,7 +157,7 @@ def train_demo_cnn(x: np.ndarray, labels: np.ndarray, epochs: int):
 
     cfg = load_config(profile="demo")
     torch.manual_seed(0)
-    model = build_model(cfg.model.cnn.name, cfg.model.input_size, mean=cfg.model.mean, std=cfg.model.std)
+    model = build_model(cfg.model.cnn.name, cfg.model.input_size, SPACES, mean=cfg.model.mean, std=cfg.model.std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     size = cfg.train.batch_size
     steps = epochs * -(-len(x) // size)
@@ -151,9 +168,13 @@ def train_demo_cnn(x: np.ndarray, labels: np.ndarray, epochs: int):
         batches = [
             {
                 "image": torch.from_numpy(x[chunk]),
-                "source": torch.zeros(len(chunk), dtype=torch.long),  # NIH: the covid head is masked out
-                "nih_labels": torch.from_numpy(labels[chunk]),
-                "covid_label": torch.full((len(chunk),), -1, dtype=torch.long),
+                "source": torch.zeros(len(chunk), dtype=torch.long),  # NIH (head 0): the other heads are masked out
+                label_key("nih14"): torch.from_numpy(labels[chunk]),
+                **{
+                    label_key(space.head): torch.full((len(chunk),), -1, dtype=torch.long)
+                    for space in SPACES
+                    if not space.multi_label
+                },
             }
             for chunk in np.array_split(order, -(-len(x) // size))
         ]

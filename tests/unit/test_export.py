@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from models.checkpoint import load_checkpoint, model_from_checkpoint
-from models.labels import COVID_CLASSES, NIH14
 from models.onnx_export import (
+    OnnxExportError,
     OnnxMetadataError,
     agreement,
     build_metadata,
@@ -26,9 +26,10 @@ from models.onnx_export import (
     ort_session,
     quantize_int8,
     read_metadata,
+    write_metadata,
 )
 from pipelines.config import load_config
-from tests.helpers import CONFIG, tiny_checkpoint, write_shards
+from tests.helpers import CONFIG, SPACES, tiny_checkpoint, write_shards
 
 SIZE = 64
 ARCHS = {"cnn": "test_efficientnet", "vit": "test_vit"}
@@ -79,7 +80,7 @@ def test_metadata_carries_preprocessing_and_label_spaces(exports, role):
     assert meta["arch"] == ARCHS[role] and meta["role"] == role
     assert (int(meta["input_size"]), int(meta["storage_size"])) == (64, 64)
     assert (float(meta["mean"]), float(meta["std"])) == (0.5, 0.25)
-    assert json.loads(meta["label_spaces"]) == {"nih14": list(NIH14), "covid": list(COVID_CLASSES)}
+    assert json.loads(meta["label_spaces"]) == [space.to_dict() for space in SPACES]
     assert meta["source_checkpoint"] == str(checkpoint) and meta["quantize"] == "none"
 
 
@@ -89,7 +90,9 @@ def test_batch_axis_is_dynamic(exports, role, batch):
     checkpoint, payload, path = exports[role]
     images = batches(1, batch, seed=batch)
     logits = onnx_logits(ort_session(path, 1), images[0])
-    assert logits["nih14"].shape == (batch, 14) and logits["covid"].shape == (batch, len(COVID_CLASSES))
+    # one output per head, named after it, in the model's head order (three heads today)
+    assert list(logits) == [space.head for space in SPACES] and len(logits) == 3
+    assert {head: v.shape for head, v in logits.items()} == {s.head: (batch, len(s.classes)) for s in SPACES}
     parity = logit_parity(model_from_checkpoint(checkpoint, payload), ort_session(path, 1), images)
     assert parity["max_abs_logit_diff"] <= 1e-4
 
@@ -124,6 +127,10 @@ def test_int8_models_run_and_roughly_agree_with_fp32(exports, tmp_path, role, mo
     assert agreed["images"] == 16
     mean_bound, max_bound = INT8_BOUNDS[role, mode]
     assert agreed["mean_abs_prob_diff"] < mean_bound and agreed["max_abs_prob_diff"] < max_bound, agreed
+    # one agreement figure per head: the top class (multi-class) or each class at 0.5 (multi-label)
+    per_head = {k: v for k, v in agreed.items() if k.endswith("_agreement")}
+    assert set(per_head) == {"nih14_finding_agreement", "covid_top1_agreement", "pneumonia_top1_agreement"}
+    assert all(0.0 <= v <= 1.0 for v in per_head.values())
     if mode == "static":
         assert target.stat().st_size < path.stat().st_size  # int8 weights
 
@@ -141,7 +148,9 @@ def test_runner_answers_like_the_torch_replica(exports):
     images = batches(1, 3, seed=4)[0]
     expected = probabilities(model_from_checkpoint(checkpoint, payload), images, "cpu")
     found = runner(images)
-    for head in ("nih14", "covid"):
+    assert list(found) == list(expected) == [space.head for space in SPACES]
+    assert [space.head for space in runner.label_spaces] == list(expected)  # rebuilt from the file's metadata
+    for head in expected:
         assert found[head].dtype == np.float32
         np.testing.assert_allclose(found[head], expected[head], atol=1e-5)
     assert runner.info()["backend"] == "onnx" and len(runner.info()["onnx_sha256"]) == 64
@@ -157,9 +166,28 @@ def test_mismatched_metadata_names_the_file_and_field(exports):
     other_size = {**cnn_payload, "preprocessing": {**cnn_payload["preprocessing"], "input_size": 96}}
     with pytest.raises(OnnxMetadataError, match="'input_size' is '64' but the checkpoint has '96'"):
         OnnxRunner(cnn_path, 1).verify(other_size, 64)
-    other_labels = {**cnn_payload, "label_spaces": {"nih14": list(NIH14), "covid": ["COVID", "Normal"]}}
+    two_heads = {**cnn_payload, "label_spaces": [space.to_dict() for space in SPACES[:2]]}
     with pytest.raises(OnnxMetadataError, match="'label_spaces'"):
-        OnnxRunner(cnn_path, 1).verify(other_labels, 64)
+        OnnxRunner(cnn_path, 1).verify(two_heads, 64)
+
+
+def test_an_export_whose_outputs_are_not_its_heads_fails_the_check(exports, tmp_path):
+    """check_model holds the graph's outputs to the label spaces of the metadata, in order; an export that predates
+    the registry (label_spaces a mapping) is refused by the backend with how to fix it."""
+    import shutil
+
+    from models.onnx_export import check_model
+    from serve.onnx_backend import OnnxRunner
+
+    _, _, path = exports["cnn"]
+    copy = shutil.copy(path, tmp_path / "model.onnx")
+    reordered = [space.to_dict() for space in (SPACES[1], SPACES[0], SPACES[2])]
+    write_metadata(copy, {**read_metadata(path), "label_spaces": json.dumps(reordered)})
+    with pytest.raises(OnnxExportError, match="expected \\[image\\] / \\('covid', 'nih14', 'pneumonia'\\)"):
+        check_model(copy)
+    write_metadata(copy, {**read_metadata(path), "label_spaces": json.dumps({"nih14": ["a"], "covid": ["b"]})})
+    with pytest.raises(OnnxMetadataError, match="no label_spaces list"):
+        OnnxRunner(copy, 1)
 
 
 def test_a_replica_on_a_gpu_stays_on_pytorch(exports):
@@ -215,6 +243,7 @@ def test_cxr_export_stage_writes_checks_logs_and_records(exports, tmp_path, caps
     assert main(argv + ["--config", str(CONFIG), *(f"--set={s}" for s in sets)]) == 0
     printed = capsys.readouterr().out
     assert "max abs logit difference" in printed and "int8 (static)" in printed
+    assert all(f"{space.head}_" in printed.split("int8 vs fp32")[1] for space in SPACES)  # agreement per head
     latest = json.loads((tmp_path / "export" / "latest-cnn.json").read_text())
     assert latest["quantize"] == "static" and latest["path"].endswith("model-int8-static.onnx")
     assert latest["parity"]["images"] == 10 and latest["parity"]["max_abs_logit_diff"] <= 1e-4
@@ -239,6 +268,11 @@ def _assert_logged_to_mlflow(latest: dict, run_dir: Path) -> None:
     assert {"model.onnx", "model-int8-static.onnx", "export.json"} <= names
     run = client.get_run(latest["mlflow_run_id"])
     assert run.data.metrics["onnx_parity_max_abs_logit_diff"] <= 1e-4
+    agreed = {k for k in run.data.metrics if k.startswith("onnx_int8_static_") and k.endswith("_agreement")}
+    assert agreed == {
+        f"onnx_int8_static_{k}" for k in latest["int8"]["agreement_with_fp32"] if k.endswith("_agreement")
+    }
+    assert len(agreed) == len(SPACES)
 
 
 def test_cxr_export_refuses_a_checkpoint_of_the_other_role(exports, tmp_path, capsys):

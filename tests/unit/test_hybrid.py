@@ -17,9 +17,11 @@ from models.checkpoint import PreprocessSpec, model_from_checkpoint, save_checkp
 from models.explain import attention_map, explain, grad_cam, methods_for
 from models.factory import build_model
 from models.hybrid import CxrHybrid
-from models.labels import NIH14
+from pipelines.data.datasets.nih import NIH14
+from pipelines.data.datasets.pneumonia import CLASSES as PNEUMONIA_CLASSES
 from serve.explanations import ExplainQuery, check_method
 from serve.inputs import InputRejected
+from tests.helpers import SPACES
 
 TINY = "cxr_hybrid_tiny"
 
@@ -90,7 +92,7 @@ def test_classifier_and_drop_rate_follow_timm_conventions():
 
 @pytest.mark.parametrize("role", ["cnn", "vit"])
 def test_cxrnet_with_the_hybrid_in_either_role_round_trips_a_checkpoint(tmp_path, role):
-    model = build_model(TINY, 64).eval()
+    model = build_model(TINY, 64, SPACES).eval()
     batch = torch.from_numpy(images(2))
     with torch.inference_mode():
         logits = model(batch)
@@ -105,7 +107,7 @@ def test_cxrnet_with_the_hybrid_in_either_role_round_trips_a_checkpoint(tmp_path
 
 
 def test_attention_explanation_is_the_class_tokens_attention_scaled_to_one():
-    model = build_model(TINY, 64).eval()
+    model = build_model(TINY, 64, SPACES).eval()
     batch = images(3, seed=1)
     found = attention_map(model, batch, "nih14", NIH14.index("Effusion"))
     with torch.inference_mode():
@@ -119,12 +121,12 @@ def test_attention_explanation_is_the_class_tokens_attention_scaled_to_one():
 
 
 def test_grad_cam_works_on_the_hybrids_token_grid_and_methods_are_listed():
-    model = build_model(TINY, 64)
+    model = build_model(TINY, 64, SPACES)
     cam = grad_cam(model, images(1), "covid", 1)[0]
     assert cam.cam.shape == (8, 8) and cam.method.startswith("grad-cam on backbone.proj")
     assert methods_for(model) == ("grad-cam", "attention")
     assert explain(model, images(1), "nih14", 0, "attention")[0].method.startswith("attention")
-    cnn = build_model("test_efficientnet", 64)
+    cnn = build_model("test_efficientnet", 64, SPACES)
     assert methods_for(cnn) == ("grad-cam",)
     with pytest.raises(ValueError, match="not 'attention'"):
         explain(cnn, images(1), "nih14", 0, "attention")
@@ -132,6 +134,7 @@ def test_grad_cam_works_on_the_hybrids_token_grid_and_methods_are_listed():
 
 def test_explain_query_reads_the_method():
     assert ExplainQuery.from_params(QueryParams("head=covid")).method == "grad-cam"
+    assert ExplainQuery.from_params(QueryParams("")).head is None  # the model's first head, chosen by the pipeline
     assert ExplainQuery.from_params(QueryParams("method=attention&model=vit")).method == "attention"
     with pytest.raises(InputRejected) as found:
         ExplainQuery.from_params(QueryParams("method=rollout"))
@@ -152,7 +155,7 @@ class _Handle:
     def __init__(self, model, calls: list):
         info = {
             "arch": model.arch,
-            "label_spaces": {"nih14": list(NIH14), "covid": list(model.covid_classes)},
+            "label_spaces": [space.to_dict() for space in model.label_spaces],
             "preprocessing": {"storage_size": 64, "input_size": 64},
             "explain_methods": list(methods_for(model)),
         }
@@ -172,7 +175,7 @@ def test_served_attention_for_a_hybrid_and_a_named_refusal_for_a_cnn():
     from serve.pipeline import EnsemblePipeline
     from serve.preprocess import Preprocessor
 
-    hybrid, cnn = build_model(TINY, 64).eval(), build_model("test_efficientnet", 64).eval()
+    hybrid, cnn = build_model(TINY, 64, SPACES).eval(), build_model("test_efficientnet", 64, SPACES).eval()
     calls: list[str] = []
     pipeline = EnsemblePipeline({"cnn": _Handle(cnn, calls), "vit": _Handle(hybrid, calls)}, timeout_s=30)
     gray = images(1, 80, seed=5)[0, 0]
@@ -189,4 +192,12 @@ def test_served_attention_for_a_hybrid_and_a_named_refusal_for_a_cnn():
         assert (refused.value.status, refused.value.reason) == (400, "unsupported_method")
         assert "cnn model (test_efficientnet)" in refused.value.detail and "grad-cam" in refused.value.detail
     assert calls == ["attention"]  # refused before any replica ran a map
+    with pytest.raises(InputRejected) as unknown:
+        asyncio.run(pipeline.explain(gray, ("vit",), "chexpert", None, 0.4, "attention"))
+    assert (unknown.value.status, unknown.value.reason) == (400, "bad_head")
+    assert "(nih14, covid, pneumonia), got 'chexpert'" in unknown.value.detail
+    viral = asyncio.run(pipeline.explain(gray, ("vit",), "pneumonia", "viral", 0.4, "attention"))
+    expected = attention_map(hybrid, model_input[None], "pneumonia", PNEUMONIA_CLASSES.index("viral"))[0]
+    assert (viral["head"], viral["target"]) == ("pneumonia", "viral")
+    assert viral["probability"] == pytest.approx(expected.probability, abs=1e-6)
     check_method("grad-cam", {"cnn": {"arch": "x"}})  # replicas that predate the list offer Grad-CAM

@@ -1,4 +1,5 @@
-"""Upload decoding and validation for serving (no Ray): PNG/JPEG/DICOM, limits, bombs, and preprocessing parity."""
+"""Upload decoding and validation for serving (no Ray): PNG/JPEG/DICOM, limits, bombs, preprocessing parity, and
+the answer's JSON per head (``serve.schema.prediction_body``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pipelines.data.imaging import decode_png_gray, encode_png, resize_square
 from pipelines.data.transforms import TransformSpec, build_transform, transform_images
 from serve.inputs import InputLimits, InputRejected, decode_upload, detect_format
 from serve.preprocess import Preprocessor
-from serve.schema import GateSettings
-from tests.helpers import make_dicom
+from serve.schema import GateSettings, prediction_body
+from tests.helpers import SPACES, make_dicom
 
 LIMITS = InputLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000, dicom_modalities=frozenset({"CR", "DX"}))
 
@@ -174,3 +175,27 @@ def test_gate_settings_validate_user_config():
         GateSettings.from_user_config({"w_cnn": 0.3, "threshold": 1.5})
     with pytest.raises(ValueError, match="unknown keys"):
         GateSettings.from_user_config({"w_cnn": 0.3, "threshold": 0.5, "thresold": 0.2})
+
+
+def test_prediction_body_answers_every_head_with_its_binary_answer():
+    """Three heads: nih14 (multi-label, binary "abnormal"), covid (multi-class, no binary answer) and pneumonia
+    (multi-class, binary "pneumonia": the probability of the classes outside its negatives)."""
+    nih = np.full(14, 0.1, np.float32)
+    nih[[2, 5]] = [0.3, 0.6]
+    probs = {"nih14": nih, "covid": np.array([0.1, 0.2, 0.6, 0.1]), "pneumonia": np.array([0.3, 0.5, 0.2])}
+    settings = GateSettings(w_cnn=0.4, threshold=0.85, finding_thresholds={"Effusion": 0.25})
+    body = prediction_body(probs, SPACES, settings)
+    assert body["heads"] == ["nih14", "covid", "pneumonia"]
+    nih_answer, covid, pneumonia = body["nih14"], body["covid"], body["pneumonia"]
+    assert nih_answer["multi_label"] and nih_answer["findings"] == ["Effusion", "Nodule"]  # Effusion at its own 0.25
+    assert nih_answer["binary"] == {"name": "abnormal", "probability": pytest.approx(0.6), "positive": True}
+    assert (covid["top_class"], covid["binary"], covid["multi_label"]) == ("Normal", None, False)
+    assert covid["top_probability"] == pytest.approx(0.6) and "findings" not in covid
+    assert list(pneumonia["probabilities"]) == list(SPACES[2].classes)
+    assert pneumonia["top_class"] == SPACES[2].classes[1]
+    negatives = sum(probs["pneumonia"][SPACES[2].class_index(name)] for name in SPACES[2].negatives)
+    assert pneumonia["binary"] == {"name": "pneumonia", "probability": pytest.approx(1 - negatives), "positive": True}
+    # confidence over every head: the least certain nih14 finding (0.6 -> 0.6), covid's 0.6, pneumonia's 0.5
+    assert body["confidence"] == pytest.approx(0.5)
+    unsure = prediction_body({**probs, "nih14": np.full(14, 0.1, np.float32)}, SPACES, GateSettings(0.4, 0.85))
+    assert unsure["nih14"]["findings"] == [] and unsure["nih14"]["binary"]["positive"] is False

@@ -9,6 +9,7 @@ import pytest
 
 from pipelines.data.imaging import STORAGE_FORMATS, ImageDecodeError, decode_stored, encode_stored
 from pipelines.data.transforms import TransformSpec, preprocess_table
+from tests.helpers import SPACES
 
 
 def _pixels(side: int = 40, seed: int = 0) -> np.ndarray:
@@ -39,19 +40,19 @@ def test_raw_bytes_that_are_not_a_square_image_are_refused():
 
 def test_model_input_does_not_depend_on_the_format():
     images = [_pixels(48, seed) for seed in range(3)]
-    labels = {
-        "source": pa.array(["nih", "covid", "nih"]),
-        "nih_labels": pa.array([[0.0] * 14, None, [1.0] + [0.0] * 13], pa.list_(pa.float32())),
-        "covid_label": pa.array([None, 2, None], pa.int64()),
+    labels = {  # the shards' columns: each row's source and its labels (0/1 vector or [class index])
+        "source": pa.array(["nih", "covid", "pneumonia"]),
+        "labels": pa.array([[1] + [0] * 13, [2], [1]], pa.list_(pa.int64())),
     }
     outputs = [
         preprocess_table(
             pa.table({"image": pa.array([encode_stored(i, name) for i in images], pa.binary()), **labels}),
-            TransformSpec(32),
+            TransformSpec(32, SPACES),
             train=False,
         )
         for name in STORAGE_FORMATS
     ]
+    assert outputs[0]["source"].tolist() == [0, 1, 2] and outputs[0]["label_pneumonia"].tolist() == [-1, -1, 1]
     for other in outputs[1:]:
         for key in outputs[0]:
             assert np.array_equal(outputs[0][key], other[key])

@@ -1,16 +1,26 @@
 """One Serve app for the modules of this folder (package scope), on the session's local Ray: real HTTP on
-127.0.0.1, the session's tiny untrained checkpoints, deployed the way `serve deploy` does it:
-``serve/serve_config.yaml`` with its ``args`` pointed at them, applied through the Serve controller.
+127.0.0.1, the session's tiny untrained checkpoints (the CNN with the metadata fusion head, as the demo profile
+trains it), deployed the way `serve deploy` does it: ``serve/serve_config.yaml`` with its ``args`` pointed at them,
+applied through the Serve controller.
 
-The modules run in file-name order against the same app: endpoints, errors, explain, then faults (the live
-reconfigure, the overload burst and the replica kill), which must come last.
+The modules run in file-name order against the same app: endpoints, endpoints_metadata, errors, explain, then
+faults (the live reconfigure, the overload burst and the replica kill), which must come last.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers import APP_MAX_UPLOAD_MB, APP_ROUTER_QUEUE, CONFIG, KEY_ENV, deploy_schema, free_port, wait_healthy
+from tests.helpers import (
+    APP_MAX_UPLOAD_MB,
+    APP_ROUTER_QUEUE,
+    CONFIG,
+    KEY_ENV,
+    deploy_schema,
+    free_port,
+    tiny_checkpoint,
+    wait_healthy,
+)
 
 
 @pytest.fixture(scope="package")
@@ -22,7 +32,18 @@ def shards_config(tiny_shards):
 
 
 @pytest.fixture(scope="package")
-def served(ray_session, tmp_path_factory, shards_config, tiny_checkpoints):
+def served_checkpoints(tmp_path_factory, tiny_checkpoints):
+    """The session's checkpoints with the CNN swapped for one with the metadata fusion head (seeded), so every test
+    here runs against a fusion model and the metadata tests see its answers move with age, sex and view."""
+    import torch
+
+    torch.manual_seed(0)
+    cnn = tiny_checkpoint(tmp_path_factory.mktemp("fusion"), "cnn", "test_efficientnet", metadata=True)
+    return {**tiny_checkpoints, "cnn": cnn}
+
+
+@pytest.fixture(scope="package")
+def served(ray_session, tmp_path_factory, shards_config, served_checkpoints):
     from ray import serve
     from ray.serve.context import _get_global_client
 
@@ -41,11 +62,11 @@ def served(ray_session, tmp_path_factory, shards_config, tiny_checkpoints):
         "ensemble.threshold=0.85",
         "ensemble.w_cnn=0.4",
     ]
-    args = {"config": str(CONFIG), "sets": sets, **{k: str(v) for k, v in tiny_checkpoints.items()}}
+    args = {"config": str(CONFIG), "sets": sets, **{k: str(v) for k, v in served_checkpoints.items()}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     client = _get_global_client()
     client.deploy_apps(deploy_schema(args, port), _blocking=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
-    yield {"url": url, "client": client, "args": args, "port": port, "checkpoints": tiny_checkpoints}
+    yield {"url": url, "client": client, "args": args, "port": port, "checkpoints": served_checkpoints}
     serve.shutdown()

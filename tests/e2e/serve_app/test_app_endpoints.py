@@ -11,10 +11,12 @@ import requests
 from PIL import Image
 
 from models.checkpoint import PreprocessSpec, model_from_checkpoint
-from models.labels import NIH14
+from pipelines.data.datasets.nih import NIH14
 from serve.preprocess import Preprocessor
 from serve.replicas import probabilities
-from tests.helpers import API_KEY, HEADERS, make_dicom, png, post
+from tests.helpers import API_KEY, HEADERS, SPACES, make_dicom, png, post
+
+HEADS = [space.head for space in SPACES]  # nih14, covid, pneumonia: the tiny checkpoints' heads
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,7 +31,7 @@ def test_health_and_model_describe_both_models(served):
     assert info["models"]["cnn"]["arch"] == "test_efficientnet" and info["models"]["vit"]["arch"] == "test_vit"
     assert info["models"]["cnn"]["checkpoint"] == str(served["checkpoints"]["cnn"])
     assert info["models"]["cnn"]["preprocessing"]["storage_size"] == 64
-    assert len(info["models"]["cnn"]["label_spaces"]["nih14"]) == 14
+    assert info["models"]["cnn"]["label_spaces"] == [space.to_dict() for space in SPACES]
     assert info["ensemble"]["threshold"] == 0.85 and info["ensemble"]["w_cnn"] == 0.4
 
 
@@ -42,14 +44,26 @@ def test_cnn_mode_answers_what_the_checkpoint_computes_in_process(served):
     model = model_from_checkpoint(served["checkpoints"]["cnn"])
     gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
     expected = probabilities(model, Preprocessor(PreprocessSpec(64, 64))(gray)[None], "cpu")
-    served_nih = np.array(list(body["nih14"]["probabilities"].values()))
-    served_covid = np.array(list(body["covid"]["probabilities"].values()))
-    np.testing.assert_allclose(served_nih, expected["nih14"][0], atol=1e-5)
-    np.testing.assert_allclose(served_covid, expected["covid"][0], atol=1e-5)
-    assert body["covid"]["top_class"] == list(body["covid"]["probabilities"])[int(np.argmax(served_covid))]
-    assert body["nih14"]["findings"] == [k for k, v in body["nih14"]["probabilities"].items() if v >= 0.5]
-    assert body["nih14"]["abnormal"] == bool(body["nih14"]["findings"])
-    assert body["nih14"]["abnormal_probability"] == pytest.approx(float(served_nih.max()), abs=1e-6)
+    assert body["heads"] == HEADS
+    for space in SPACES:
+        answer = body[space.head]
+        served_probs = np.array(list(answer["probabilities"].values()))
+        assert list(answer["probabilities"]) == list(space.classes) and answer["multi_label"] == space.multi_label
+        np.testing.assert_allclose(served_probs, expected[space.head][0], atol=1e-5)
+        if space.multi_label:
+            assert answer["findings"] == [k for k, v in answer["probabilities"].items() if v >= 0.5]
+        else:
+            assert answer["top_class"] == space.classes[int(np.argmax(served_probs))]
+        if space.binary is None:
+            assert answer["binary"] is None
+            continue
+        binary = answer["binary"]
+        assert binary["name"] == space.binary
+        assert binary["probability"] == pytest.approx(float(space.binary_probability(served_probs)), abs=1e-6)
+    nih, pneumonia = body["nih14"], body["pneumonia"]
+    assert nih["binary"]["positive"] == bool(nih["findings"])  # abnormal: a finding is reported
+    assert nih["binary"]["probability"] == pytest.approx(max(nih["probabilities"].values()), abs=1e-6)
+    assert pneumonia["binary"]["positive"] == (pneumonia["binary"]["probability"] >= 0.5)
 
 
 @pytest.mark.parametrize(("mode", "used"), [("vit", ["vit"]), ("ensemble", ["cnn", "vit"])])
@@ -57,13 +71,14 @@ def test_forced_modes(served, mode, used):
     body = post(served, files={"file": ("x.png", png(seed=2))}, mode=mode).json()
     assert body["models_used"] == used and body["mode"] == mode
     assert abs(sum(body["covid"]["probabilities"].values()) - 1.0) < 1e-4
+    assert abs(sum(body["pneumonia"]["probabilities"].values()) - 1.0) < 1e-4
     assert set(body["model_versions"]) == set(used)
 
 
 def test_ensemble_is_the_weighted_mean_of_both_models(served):
     data = png(seed=3)
     cnn, vit, fused = (post(served, data=data, mode=m).json() for m in ("cnn", "vit", "ensemble"))
-    for head in ("nih14", "covid"):
+    for head in HEADS:
         for name, value in fused[head]["probabilities"].items():
             expected = 0.4 * cnn[head]["probabilities"][name] + 0.6 * vit[head]["probabilities"][name]
             assert value == pytest.approx(expected, abs=1e-5)
@@ -77,21 +92,28 @@ def test_adaptive_gate_uses_the_configured_threshold(served):
     assert body["models_used"] == (["cnn", "vit"] if escalated else ["cnn"])
 
 
-def test_gate_scores_only_the_head_the_caller_reads(served):
-    """`?head=covid`: the gate sees the covid head's confidence (its top probability), as tuning scores a COVID
-    image; both heads are still answered. Without `head`, the lower of the two heads' confidences."""
-    both = post(served, data=png(seed=5), mode="cnn").json()
-    covid = requests.post(
-        served["url"] + "/v1/predict", params={"head": "covid"}, data=png(seed=5), headers=HEADERS, timeout=60
+@pytest.mark.parametrize("head", ["covid", "pneumonia"])
+def test_gate_scores_only_the_head_the_caller_reads(served, head):
+    """`?head=covid` / `?head=pneumonia`: the gate sees that head's confidence (its top probability), as tuning
+    scores an image of its dataset; every head is still answered. Without `head`, the lowest over all heads."""
+    every = post(served, data=png(seed=5), mode="cnn").json()
+    one = requests.post(
+        served["url"] + "/v1/predict", params={"head": head}, data=png(seed=5), headers=HEADERS, timeout=60
     ).json()
-    nih_conf = min(max(p, 1 - p) for p in both["nih14"]["probabilities"].values())
-    top = both["covid"]["top_probability"]
-    assert both["cnn_confidence"] == pytest.approx(min(nih_conf, top), abs=1e-6)
-    assert covid["cnn_confidence"] == pytest.approx(top, abs=1e-6) and covid["gate"]["heads"] == ["covid"]
-    assert covid["gate"]["escalated"] == (top < 0.85) and set(covid["nih14"]["probabilities"]) == set(NIH14)
+    nih_conf = min(max(p, 1 - p) for p in every["nih14"]["probabilities"].values())
+    tops = {h: every[h]["top_probability"] for h in ("covid", "pneumonia")}
+    assert every["gate"]["heads"] == HEADS
+    assert every["cnn_confidence"] == pytest.approx(min(nih_conf, *tops.values()), abs=1e-6)
+    assert one["cnn_confidence"] == pytest.approx(tops[head], abs=1e-6) and one["gate"]["heads"] == [head]
+    assert one["gate"]["escalated"] == (tops[head] < 0.85) and set(one["nih14"]["probabilities"]) == set(NIH14)
+    assert one["heads"] == HEADS and one["pneumonia"]["binary"]["name"] == "pneumonia"
+
+
+def test_an_unknown_head_is_refused_naming_the_models_heads(served):
     url = served["url"] + "/v1/predict"
     bad = requests.post(url, params={"head": "lungs"}, data=png(), headers=HEADERS, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["reason"] == "bad_head"
+    assert "(nih14, covid, pneumonia), got 'lungs'" in bad.json()["error"]["detail"]
 
 
 def test_dicom_upload(served):
@@ -126,12 +148,19 @@ def test_batch_limits(served):
 
 def test_try_sends_test_split_files_and_prints_one_line_each(served, shards_config, capsys):
     """`cxr serve --try N` (the demo's last step): original test-split files from ingest's folders, over HTTP."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data.shards import manifest_label_spaces, shard_files
     from serve.smoke import pick_test_images, try_images
 
     cfg = shards_config
     samples = pick_test_images(cfg, 4)
-    assert [s.source for s in samples] == ["nih", "covid", "nih", "covid"]
+    present = set(pq.read_table(shard_files(cfg.data.shards_dir, "test"), columns=["source"])["source"].to_pylist())
+    # the datasets with test rows take turns, in head order
+    sources = [space.source for space in manifest_label_spaces(cfg.data.shards_dir) if space.source in present]
+    assert [s.source for s in samples] == [sources[i % len(sources)] for i in range(4)]
     assert all(s.path.is_file() for s in samples)
+    assert all(s.head == next(x.head for x in SPACES if x.source == s.source) for s in samples)
     assert try_images(served["url"], cfg, 4, API_KEY) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all("truth:" in line and "models: cnn" in line for line in lines)

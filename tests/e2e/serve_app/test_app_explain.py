@@ -12,7 +12,8 @@ import requests
 from PIL import Image
 
 from models.checkpoint import PreprocessSpec, model_from_checkpoint
-from models.labels import NIH14
+from pipelines.data.datasets.nih import NIH14
+from pipelines.data.datasets.pneumonia import CLASSES as PNEUMONIA_CLASSES
 from serve.preprocess import Preprocessor
 from tests.helpers import APP_MAX_UPLOAD_MB, HEADERS, png, post
 
@@ -42,6 +43,25 @@ def test_explain_cnn_is_the_grad_cam_of_the_checkpoint_in_process(served):
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
     assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size == (256, 256)
     assert body["model_versions"] == {"cnn": "cnn"} and body["latency_ms"]["explain"] > 0
+
+
+def test_explain_any_head_of_the_model_the_third_one_too(served):
+    """`?head=pneumonia`: the map and probability of a pneumonia class, as the checkpoint computes them."""
+    from models.explain import grad_cam
+
+    data = png(200, seed=25)
+    body = explain(served, data, head="pneumonia", target="viral", model="cnn").json()
+    assert (body["head"], body["target"]) == ("pneumonia", "viral")
+    model = model_from_checkpoint(served["checkpoints"]["cnn"])
+    gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    image = Preprocessor(PreprocessSpec(64, 64))(gray)[None]
+    expected = grad_cam(model, image, "pneumonia", PNEUMONIA_CLASSES.index("viral"))[0]
+    assert body["probability"] == pytest.approx(expected.probability, abs=1e-5)
+    np.testing.assert_allclose(np.array(body["map"]["values"]), expected.cam, atol=2e-3)
+    predicted = post(served, data=data, mode="cnn").json()["pneumonia"]
+    assert body["probability"] == pytest.approx(predicted["probabilities"]["viral"], abs=1e-5)
+    default = explain(served, data, model="cnn").json()  # no head: the model's first head, its top label
+    assert default["head"] == "nih14"
 
 
 def test_explain_defaults_to_the_top_label_and_fuses_the_ensemble(served):

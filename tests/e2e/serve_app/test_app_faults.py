@@ -35,7 +35,7 @@ def test_live_reconfigure_changes_the_gate_without_restarting_replicas(served):
     always_cnn = {"w_cnn": 0.7, "threshold": 0.0}  # confidence >= 0 always: the CNN answers alone
     _reconfigure(served, always_cnn)
     body = post(served, data=png(seed=7)).json()
-    gate = {"threshold": 0.0, "w_cnn": 0.7, "heads": ["nih14", "covid"], "escalated": False}
+    gate = {"threshold": 0.0, "w_cnn": 0.7, "heads": ["nih14", "covid", "pneumonia"], "escalated": False}
     assert body["models_used"] == ["cnn"] and body["gate"] == gate
     always_vit = {"w_cnn": 0.7, "threshold": 1.0}
     _reconfigure(served, always_vit)
