@@ -24,7 +24,7 @@ demo: setup
 	$(CXR) synth $(DEMO) --overwrite
 	$(CXR) ingest $(DEMO) --overwrite
 	$(CXR) train $(DEMO) --model cnn --run-name cnn-$(RUN)
-	$(CXR) train $(DEMO) --model cnn --run-name cnn-probe-$(RUN) --set train.recipe=linear_probe --set train.epochs=4
+	$(CXR) train $(DEMO) --model cnn --run-name cnn-probe-$(RUN) --set train.recipe=linear_probe --set train.epochs=3
 	$(CXR) train $(DEMO) --model vit --run-name vit-$(RUN)
 	$(CXR) tune ensemble $(DEMO)
 	$(CXR) evaluate $(DEMO)

@@ -63,7 +63,7 @@ def test_two_phase_must_unfreeze_within_the_roles_epochs():
     )
     recipes.check_recipe(for_role(cfg, "vit"), "vit")  # the ViT's 60 epochs: unfreezes at 12
     with pytest.raises(ConfigError, match=r"train\.freeze_backbone_epochs \(12\).*cnn"):
-        recipes.check_recipe(for_role(cfg, "cnn"), "cnn")  # the CNN's 12: it never would
+        recipes.check_recipe(for_role(cfg, "cnn"), "cnn")  # the CNN's 10: it never would
 
 
 # -------------------------------------------------------------------------------------------- schedule
