@@ -74,23 +74,35 @@ def test_a_field_in_both_the_form_and_the_query_is_refused():
         request_fields({"age": "40"}, {"age": "40"})
 
 
-def test_multipart_text_fields_come_back_beside_the_files():
+def _multipart_request(fields: list):
     from starlette.requests import Request
     from urllib3 import encode_multipart_formdata
 
-    from serve.uploads import read_request
-
-    fields = [("file", ("a.png", png(32))), ("age", "58"), ("sex", "M"), ("view_position", "PA")]
     body, content_type = encode_multipart_formdata(fields)
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
     headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    request = Request({"type": "http", "method": "POST", "headers": headers, "query_string": b""}, receive)
-    uploads, form = run(read_request(request, 1024 * 1024, 1))
+    return Request({"type": "http", "method": "POST", "headers": headers, "query_string": b""}, receive)
+
+
+def test_multipart_text_fields_come_back_beside_the_files():
+    from serve.uploads import read_request
+
+    fields = [("file", ("a.png", png(32))), ("age", "58"), ("sex", "M"), ("view_position", "PA")]
+    uploads, form = run(read_request(_multipart_request(fields), 1024 * 1024, 1))
     assert [upload.filename for upload in uploads] == ["a.png"] and uploads[0].data == png(32)
     assert form == {"age": "58", "sex": "M", "view_position": "PA"}
+
+
+def test_a_multipart_body_without_a_file_part_is_a_400_not_an_image():
+    """A text field is never taken for an image (the batch endpoint used to answer 200 with a per-item 415)."""
+    from serve.uploads import read_request
+
+    with pytest.raises(InputRejected, match="no file part") as caught:
+        run(read_request(_multipart_request([("files", "not a file"), ("age", "58")]), 1024 * 1024, 4))
+    assert (caught.value.status, caught.value.reason) == (400, "no_file")
 
 
 # ------------------------------------------------------------------------------------------- DICOM header
