@@ -114,6 +114,12 @@ class EnsembleTuneConfig(Strict):
     @field_validator("head_weights")
     @classmethod
     def _non_negative_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        from pipelines.data.datasets import default_label_spaces  # the registry reads no config: no cycle
+
+        known = [space.head for space in default_label_spaces()]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown heads {unknown}; known: {known}")
         bad = {head: weight for head, weight in value.items() if weight < 0}
         if bad:
             raise ValueError(f"weights must be >= 0, got {bad}")

@@ -59,6 +59,9 @@ def test_set_overrides_parse_yaml_values():
         ("data.synth.seed=abc", "data.synth.seed"),
         ("serve.cnn.bogus=1", "serve.cnn.bogus"),
         ("train.amp=fp8", "train.amp"),
+        ("tune.ensemble.head_weights={nih: 2}", "tune.ensemble.head_weights"),  # a head, not a source
+        ("tune.ensemble.head_weights={covid: -1}", "tune.ensemble.head_weights"),
+        ("model.cnn.metadata=maybe", "model.cnn.metadata"),
     ],
 )
 def test_bad_values_name_the_dotted_key(override, dotted):
