@@ -53,12 +53,17 @@ def test_bench_scale_runs_at_a_tiny_size(tmp_path, capsys, benchmarks_untouched,
         "data.synth.nih_patients=40", "data.synth.nih_images=100", "data.synth.nih_image_size=48",
         "data.synth.covid_image_size=48", "data.storage_size=32", "model.input_size=32", "data.rows_per_shard=32",
         "data.synth.covid_class_counts={COVID: 6, Lung_Opacity: 6, Normal: 6, Viral Pneumonia: 6}",
+        # the scale profile's 5,856 pneumonia JPEGs would be most of the run: 8 small ones instead
+        "data.synth.pneumonia_class_counts=null", "data.synth.pneumonia_images=8",
+        "data.synth.pneumonia_image_size=[48, 64]",
     ]  # fmt: skip
     args = ["bench", "scale", "--config", str(ROOT / "ray_config.yaml"), "--profile", "scale", "--sizes", "full"]
-    args += [f"--set=data.{k}_dir={tmp_path / k}" for k in ("nih", "covid", "shards")]
+    args += [f"--set=data.{k}_dir={tmp_path / k}" for k in ("nih", "covid", "pneumonia", "shards")]
     args += ["--model", "test_efficientnet", "--checkpoint", str(tiny_checkpoints["cnn"])]
     assert main([*args, *[f"--set={s}" for s in sets], "--set=train.batch_size=16"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isalpha()}
-    assert rows["ingest"][1] == "124" and "twins" in " ".join(rows["ingest"]) and "MiB" in rows["ingest"]
+    # 100 NIH + 24 COVID + 8 pneumonia images, all three datasets in the synth and ingest rows
+    assert rows["synth"][1] == rows["ingest"][1] == "132"
+    assert "twins" in " ".join(rows["ingest"]) and "MiB" in rows["ingest"]
     assert int(rows["epoch"][1]) == int(rows["epoch+model"][1]) > 0  # the same train split, with and without a model
     assert int(rows["eval-local"][1]) == int(rows["eval-ray"][1]) > 0
