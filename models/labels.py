@@ -80,10 +80,6 @@ class LabelSpace:
         negatives = [self.classes.index(name) for name in self.negatives]
         return ~np.isin(labels, negatives)
 
-    def label_width(self) -> int:
-        """Integers per row in the shards' ``labels`` column: the 0/1 vector, or the class index."""
-        return len(self.classes) if self.multi_label else 1
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "head": self.head,

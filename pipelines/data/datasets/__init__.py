@@ -14,7 +14,7 @@ import pkgutil
 from models.labels import LabelSpace
 from pipelines.data.datasets.base import Dataset, DatasetLayoutError, Listing
 
-__all__ = ["DATASETS", "Dataset", "DatasetLayoutError", "Listing", "dataset", "default_label_spaces"]
+__all__ = ["DATASETS", "Dataset", "DatasetLayoutError", "Listing", "default_label_spaces"]
 
 
 def _discover() -> dict[str, Dataset]:
@@ -36,12 +36,6 @@ def _discover() -> dict[str, Dataset]:
 
 
 DATASETS: dict[str, Dataset] = _discover()
-
-
-def dataset(source: str) -> Dataset:
-    if source not in DATASETS:
-        raise KeyError(f"unknown dataset {source!r}; registered: {', '.join(DATASETS)}")
-    return DATASETS[source]
 
 
 def default_label_spaces() -> tuple[LabelSpace, ...]:

@@ -78,8 +78,7 @@ class Dataset:
 
     ``rank`` orders the datasets (heads, source ids, and which side of a cross-dataset twin keeps its split: the
     lower rank). ``root`` reads the dataset's folder from the data config. ``required``: ingest fails when the
-    folder is missing (otherwise it skips the dataset with a log line). ``synth_folder``: the folder name under
-    the root that ``cxr synth`` owns, or None when synth does not write this dataset.
+    folder is missing (otherwise it skips the dataset with a log line).
     """
 
     source: str
@@ -91,11 +90,6 @@ class Dataset:
     root: Callable[[DataConfig], Path]
     required: bool = True
     cli_flag: str = ""
-    synth_folder: str | None = None
-
-    @property
-    def head(self) -> str:
-        return self.label_space.head
 
 
 def write_rejects(path: Path, rejects: list[dict[str, str]]) -> None:

@@ -103,5 +103,4 @@ DATASET = Dataset(
     ),
     root=lambda data: data.covid_dir,
     cli_flag="--covid",
-    synth_folder=DATASET_FOLDER,
 )

@@ -195,5 +195,4 @@ DATASET = Dataset(
     assign_splits=lambda rows, data: nih_splits(rows, data.val_fraction, data.split_seed),
     root=lambda data: data.nih_dir,
     cli_flag="--nih",
-    synth_folder=None,  # synth owns its archives and files by name, not one folder
 )

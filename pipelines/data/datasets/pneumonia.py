@@ -117,5 +117,4 @@ DATASET = Dataset(
     root=lambda data: data.pneumonia_root,
     required=False,
     cli_flag="--pneumonia",
-    synth_folder=DATASET_FOLDER,
 )
