@@ -14,7 +14,8 @@ from pipelines.config import Config
 log = logging.getLogger(__name__)
 
 
-QUIET_WORKERS_HOOK = "pipelines.runtime.quiet_worker_logs"
+WORKER_SETUP_HOOK = "pipelines.runtime.prepare_worker"
+VERBOSE_ENV = "CXR_RAY_VERBOSE"  # "1" in a worker's environment: `cxr <stage> -v`, keep Ray's routine lines
 
 # Ray's routine lines, by the logger that writes them; a level of WARNING keeps that logger's warnings and errors.
 # Children of "ray.data" and "ray.serve" (not those two: Ray Data and Serve reset them whenever they configure
@@ -47,6 +48,44 @@ LOCAL_RAY_ENV = {
 }
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def keep_ray_on_loopback() -> str:
+    """Make the local Ray this process starts listen on 127.0.0.1 only, and return that address for ``ray.init``.
+
+    On Linux Ray names a node by the machine's network address so that other machines can join it, and the GCS,
+    raylet, agents and every worker's gRPC server then listen on all interfaces. Ray reads the switch that keeps a
+    node on loopback (its macOS and Windows default) once, at import: it is set here in this process's copy and in
+    the environment that the Ray processes started next inherit.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return LOOPBACK
+
+
+def bind_serve_replicas_to_loopback() -> None:
+    """Serve replicas open their inter-deployment gRPC server on ``[::]:0`` whatever the node's address (Ray 2.60,
+    ``serve/_private/replica.py``); on a loopback node that is the one port still open to the network. Callers
+    reach it at the node's address, so binding it to 127.0.0.1 changes nothing else. Patched where the replica
+    module takes the function from, before that module is imported in this worker."""
+    from ray._common import tls_utils
+
+    bind = tls_utils.add_port_to_grpc_server
+    if getattr(bind, "cxr_loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{LOOPBACK}:{address.removeprefix('[::]:')}"
+        return bind(server, address)
+
+    on_loopback.cxr_loopback = True
+    tls_utils.add_port_to_grpc_server = on_loopback
+
+
 def quiet_ray_loggers() -> None:
     """Ray's routine INFO lines off the console; its warnings and errors, and all of our lines, stay."""
     for name, level in RAY_CHATTER.items():
@@ -55,9 +94,19 @@ def quiet_ray_loggers() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def prepare_worker() -> None:
+    """Runs in every worker process of a stage (``worker_process_setup_hook``): Serve replicas kept on loopback where
+    the node is, and the driver's quiet loggers there too (Ray would forward the chatter of its SplitCoordinator,
+    DatasetManager and Train workers to the console)."""
+    from ray._private import ray_constants
+
+    if os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR) == "0":
+        bind_serve_replicas_to_loopback()
+    if os.environ.get(VERBOSE_ENV) != "1":
+        quiet_worker_logs()
+
+
 def quiet_worker_logs() -> None:
-    """Runs in every worker process of a stage (``worker_process_setup_hook``): the driver's quiet loggers there too,
-    so Ray does not forward the chatter of its SplitCoordinator, DatasetManager and Train workers to the console."""
     quiet_ray_loggers()
     try:  # Train V2 logs its per-report lines under the module's file path, not a dotted name
         from ray.train.v2._internal.execution import context
@@ -74,8 +123,9 @@ def ensure_ray(cfg: Config) -> None:
     joining whatever Ray happens to run on the machine (``ray.init()`` alone joins the one ``ray start`` or a test's
     cluster last registered): ``cluster.address: auto`` joins a running one on purpose.
 
-    A local Ray started here gets the dashboard on ``cluster.dashboard_host`` (loopback by default): people
-    watch jobs and Train runs there, and Ray's state API behind it is what Train uses to clean up after itself.
+    A local Ray started here listens on loopback only (``cluster.loopback``) and gets the dashboard on
+    ``cluster.dashboard_host``: people watch jobs and Train runs there, and Ray's state API behind it is what Train
+    uses to clean up after itself.
     """
     if ray.is_initialized():
         return
@@ -93,11 +143,13 @@ def ensure_ray(cfg: Config) -> None:
         address = "local"
         if cfg.cluster.num_cpus:
             kwargs["num_cpus"] = cfg.cluster.num_cpus
+        if cfg.cluster.loopback:
+            kwargs["_node_ip_address"] = keep_ray_on_loopback()
     context = ray.init(
         address=address,
         log_to_driver=True,
         logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": QUIET_WORKERS_HOOK} if quiet else None,
+        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK, "env_vars": {} if quiet else {VERBOSE_ENV: "1"}},
         **kwargs,
     )
     log.info("ray: %s; dashboard: %s", ray.cluster_resources(), context.dashboard_url or "none")

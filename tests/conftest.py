@@ -49,14 +49,17 @@ def ray_session():
     CPUs of a sweep trial that Tune stops early are never given back."""
     import ray
 
+    from pipelines.runtime import keep_ray_on_loopback
+
     ray.init(
         address="local",  # a Ray of the session's own, never one that another process left running on the machine
+        _node_ip_address=keep_ray_on_loopback(),  # every port on 127.0.0.1, as the stages' own Ray
         num_cpus=2,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         logging_level="ERROR",
         configure_logging=False,
-        runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_worker_logs"},
+        runtime_env={"worker_process_setup_hook": "pipelines.runtime.prepare_worker"},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -40,6 +40,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LOOPBACK_IPS = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+def listening_in_tree(pid: int) -> list:
+    """The local addresses (``laddr``) that process ``pid`` and all its descendants listen on. Descendants, not the
+    process group: Ray starts some workers in groups of their own."""
+    import psutil
+
+    root = psutil.Process(pid)
+    pids = {pid} | {child.pid for child in root.children(recursive=True)}
+    return [c.laddr for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
 def png(size: int = 200, seed: int = 0) -> bytes:
     """A random 8-bit grey PNG of ``size`` x ``size``."""
     pixels = np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)

@@ -270,6 +270,7 @@ class LocalClusterConfig(Strict):
 class ClusterConfig(Strict):
     address: str | None = None  # None: start a Ray of this process's own; "auto" or ray://... to join a running one
     num_cpus: int | None = Field(None, ge=1)  # for a local Ray started by a stage
+    loopback: bool = True  # a local Ray started by a stage listens on 127.0.0.1 only; false: all interfaces
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
     local: LocalClusterConfig = LocalClusterConfig()

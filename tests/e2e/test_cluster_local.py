@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import signal
 import threading
@@ -25,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from cluster import local
 from cluster.submit import EXCLUDES
 from pipelines.config import load_config
-from tests.helpers import ROOT, free_port
+from tests.helpers import LOOPBACK_IPS, ROOT, free_port, listening_in_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 JOB_TIMEOUT_S = 420
@@ -129,18 +128,9 @@ def test_a_job_without_the_token_is_refused(cluster, jobs, monkeypatch):
 def test_nothing_listens_beyond_loopback(cluster, jobs):
     _, state = cluster
     assert [node["name"] for node in state["nodes"]] == ["head", "worker-1"]
-    session = os.getpgid(state["pid"])
-    listening = []
-    for connection in psutil.net_connections("inet"):
-        if connection.status != psutil.CONN_LISTEN or not connection.pid:
-            continue
-        try:
-            if os.getpgid(connection.pid) == session:
-                listening.append(connection.laddr)
-        except ProcessLookupError:
-            continue
+    listening = listening_in_tree(state["pid"])
     assert len(listening) >= 6  # GCS, dashboard, two raylets, agents: the check saw the cluster's sockets
-    outside = [f"{a.ip}:{a.port}" for a in listening if a.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    outside = [f"{a.ip}:{a.port}" for a in listening if a.ip not in LOOPBACK_IPS]
     assert not outside, f"listening beyond loopback: {outside}"
 
 
