@@ -10,6 +10,7 @@ Nothing here loads weights or talks to MLflow: building only reads ``latest-<rol
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,17 @@ def _num_gpus(setting: str | float) -> float:
 
     has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     return GPU_SHARE_AUTO if has_gpu else 0.0
+
+
+PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"  # read by each Serve proxy at start (Ray 2.60)
+
+
+def use_grpc_in_local_proxies(cfg: Config) -> None:
+    """``serve.grpc`` for the proxies of a Ray this process is about to start: Serve reads the switch from the
+    proxy's environment, which a local Ray's processes inherit from here. A joined cluster's proxies keep the
+    cluster's setting (set the variable there); the router's own calls follow ``serve.grpc`` everywhere."""
+    if cfg.serve.grpc and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault(PROXY_GRPC_ENV, "1")
 
 
 def serve_logging(access_log: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -100,6 +112,7 @@ def build_app(
         "max_batch_images": cfg.serve.max_batch_images,
         "dicom_modalities": list(cfg.serve.dicom_modalities),
         "api_key_env": cfg.serve.api_key_env,
+        "grpc": cfg.serve.grpc,
         "gate": gate_user_config(cfg, ensemble_path),
         "cache": cfg.serve.cache.model_dump(mode="json"),  # the result cache (serve/cache.py)
     }

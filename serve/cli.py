@@ -56,12 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from ray import serve
 
-    from serve.app import build_app, serve_logging
+    from serve.app import build_app, serve_logging, use_grpc_in_local_proxies
 
     verbose = getattr(args, "verbose", False)
     if not verbose:  # importing ray.serve set its driver-side logger to INFO ("Started Serve", "Application is ready")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     app = build_app(cfg, args.cnn, args.vit, args.ensemble)
+    use_grpc_in_local_proxies(cfg)
     ensure_ray(cfg)
     serve.start(
         http_options={"host": cfg.serve.host, "port": cfg.serve.port},

@@ -62,7 +62,10 @@ def _error(status: int, reason: str, detail: str) -> JSONResponse:
 @serve.ingress()
 class EnsembleRouter:
     def __init__(self, cnn: DeploymentHandle, vit: DeploymentHandle, options: dict[str, Any]) -> None:
-        self.pipeline = EnsemblePipeline({"cnn": cnn, "vit": vit}, options["request_timeout_s"])
+        handles = {"cnn": cnn, "vit": vit}
+        if options.get("grpc"):  # Serve's handle option for gRPC transport (its own flag sets the same default)
+            handles = {role: handle.options(_by_reference=False) for role, handle in handles.items()}
+        self.pipeline = EnsemblePipeline(handles, options["request_timeout_s"])
         self.limits = InputLimits.from_serve_config(
             options["max_upload_mb"], options["max_pixels"], options["dicom_modalities"]
         )

@@ -218,6 +218,9 @@ class ServeConfig(Strict):
     finding_threshold: float = Field(0.5, ge=0.0, le=1.0)
     finding_thresholds: dict[str, float] = {}  # ... or above a per-class value given here
     access_log: bool = False  # Serve's per-request access log lines; off, they cost CPU on small machines
+    # requests between deployments (router -> models; proxy -> router where a stage starts its own Ray) over gRPC
+    # instead of Ray actor calls: less CPU per request (benchmarks/RESULTS.md)
+    grpc: bool = True
     router: RouterConfig = RouterConfig()
     cache: CacheConfig = CacheConfig()
     cnn: DeploymentConfig = DeploymentConfig()

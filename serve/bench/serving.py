@@ -9,9 +9,9 @@ Closed-loop clients on 127.0.0.1 (each sends its next request when the last one 
   serve adaptive the gate at the tuned threshold (ensemble.yaml) or the config's
   unbatched     adaptive with ``batch_max_size=1`` on both models (the app is redeployed for it)
 Images: the demo's synthetic test split (PNG bytes from the shards), or the files of ``--images-dir``.
-``--full-size``: random-weight ``efficientnet_b0`` / ``vit_small_patch16_224`` checkpoints at 224 px instead of the
-trained ones (speed does not depend on the weights); cells cnn and ensemble only, at 1 and ``--clients``.
-The table goes to stdout and, with ``--write``, into a "Serving" section of benchmarks/RESULTS.md.
+``--full-size``: the production-size models in ONNX Runtime on real radiographs, with cells of their own
+(``serve.bench.full_size``). The table goes to stdout and, with ``--write``, into a section of
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ RESULTS = Path("benchmarks/RESULTS.md")
 FULL_SIZE = {"cnn": "efficientnet_b0", "vit": "vit_small_patch16_224"}
 TINY = {"cnn": "test_efficientnet", "vit": "test_vit"}  # timm's test models, for smoke runs of a benchmark
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
+REAL_NIH = Path("../shared/real_samples/nih/images")  # 75 real 1024 px NIH PNGs, beside the project
 
 
 def files_in(folder: Path, limit: int) -> list[bytes]:
@@ -131,9 +132,7 @@ def closed_loop(send: Callable[[int], dict | None], clients: int, seconds: float
     }
 
 
-def direct_sender(
-    cfg: Config, images: list[bytes], mode: str, checkpoints: dict[str, Path] | None = None
-) -> Callable[[int], dict | None]:
+def direct_sender(cfg: Config, images: list[bytes], mode: str) -> Callable[[int], dict | None]:
     """The serving path without Serve: decode, preprocess and forward in this process, one thread."""
     import torch
 
@@ -148,7 +147,7 @@ def direct_sender(
     limits = InputLimits.from_serve_config(cfg.serve.max_upload_mb, cfg.serve.max_pixels, cfg.serve.dicom_modalities)
     models, preprocess = {}, {}
     for role in ("cnn", "vit"):
-        directory, _ = materialize(resolve_source(cfg, role, (checkpoints or {}).get(role)))
+        directory, _ = materialize(resolve_source(cfg, role))
         payload = load_checkpoint(directory)
         models[role] = model_from_checkpoint(directory, payload)
         preprocess[role] = Preprocessor(PreprocessSpec.from_checkpoint_meta(payload))
@@ -200,15 +199,9 @@ def deploy(cfg: Config, batched: bool, checkpoints: dict[str, Path] | None = Non
 
 
 def measure(
-    cfg: Config,
-    clients: int,
-    seconds: float,
-    max_requests: int,
-    images: list[bytes],
-    heads: list[str] | None = None,
-    checkpoints: dict[str, Path] | None = None,
+    cfg: Config, clients: int, seconds: float, max_requests: int, images: list[bytes], heads: list[str] | None = None
 ) -> list[tuple[str, dict]]:
-    """All cells; with ``checkpoints`` (the full-size run) only cnn and ensemble, batched."""
+    """All cells of the module docstring, on the trained models."""
     from ray import serve
 
     rows: list[tuple[str, dict]] = []
@@ -219,22 +212,21 @@ def measure(
         print(f"  {name:<28}{rows[-1][1]['rate']:>8.1f} req/s  p50 {rows[-1][1]['p50']:.1f} ms", flush=True)
 
     for mode in ("cnn", "ensemble"):
-        cell(f"direct {mode}", direct_sender(cfg, images, mode, checkpoints), 1)
+        cell(f"direct {mode}", direct_sender(cfg, images, mode), 1)
+    from serve.app import use_grpc_in_local_proxies
+    from serve.bench.floor import build_floor
+
+    use_grpc_in_local_proxies(cfg)
     ensure_ray(cfg)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
-    if not checkpoints:
-        from serve.bench.floor import build_floor
 
-        serve.run(build_floor(cfg), name="floor", route_prefix="/")
-        cell("serve floor (no work)", http_sender(f"http://127.0.0.1:{cfg.serve.port}", images, "cnn", None), 1)
-        serve.delete("floor")
-    url = deploy(cfg, batched=True, checkpoints=checkpoints)
-    for mode in ("cnn", "ensemble") if checkpoints else ("cnn", "ensemble", "adaptive"):
+    serve.run(build_floor(cfg), name="floor", route_prefix="/")
+    cell("serve floor (no work)", http_sender(f"http://127.0.0.1:{cfg.serve.port}", images, "cnn", None), 1)
+    serve.delete("floor")
+    url = deploy(cfg, batched=True)
+    for mode in ("cnn", "ensemble", "adaptive"):
         for n in (1, clients):
             cell(f"serve {mode}", http_sender(url, images, mode, heads), n)
-    if checkpoints:
-        serve.shutdown()
-        return rows
     url = deploy(cfg, batched=False)
     for n in (1, clients):
         cell("serve adaptive, unbatched", http_sender(url, images, "adaptive", heads), n)
@@ -304,26 +296,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per cell")
     parser.add_argument("--max-requests", type=int, default=2000, help="request budget per cell")
     parser.add_argument("--images", type=int, default=256, help="distinct test images cycled through")
-    parser.add_argument("--images-dir", type=Path, help="send these files (e.g. real NIH PNGs) instead of the shards'")
     parser.add_argument(
-        "--full-size", action="store_true", help=f"random-weight {' / '.join(FULL_SIZE.values())} at 224 px"
+        "--images-dir", type=Path, help=f"send these files instead of the shards' (--full-size: {REAL_NIH})"
     )
+    parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help=f"random-weight {' / '.join(FULL_SIZE.values())} at 224 px in ONNX Runtime, on real images",
+    )
+    parser.add_argument(
+        "--vit-share", type=float, default=0.46, help="--full-size: the adaptive gate's ViT share (the tuned demo's)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="--full-size with timm's test models: a smoke run")
     parser.add_argument("--write", action="store_true", help=f"replace this run's Serving section of {RESULTS}")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.full_size:
+        args.images_dir = args.images_dir or REAL_NIH
     if args.images_dir:
         images, heads = files_in(args.images_dir, args.images), None
     else:
         images, heads = sample_images(cfg, args.images)
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoints = full_size_checkpoints(Path(scratch)) if args.full_size else None
-        rows = measure(cfg, args.clients, args.seconds, args.max_requests, images, heads, checkpoints)
     if args.full_size:
+        from serve.bench import full_size
+
         title = "## Serving full-size models on real images (`cxr bench serve --full-size`)"
-        about = f"{' / '.join(FULL_SIZE.values())} at 224 px, random weights"
-        checks: list[str] = []
+        with tempfile.TemporaryDirectory() as scratch:
+            rows, facts = full_size.measure(
+                cfg, images, args.clients, args.seconds, args.max_requests, args.vit_share, Path(scratch), args.tiny
+            )
+        about = full_size.describe(cfg, facts)
+        checks = full_size.checks(rows, facts, args.clients)
     else:
+        rows = measure(cfg, args.clients, args.seconds, args.max_requests, images, heads)
         title = "## Serving: Ray Serve vs in-process (`cxr bench serve`)"
         settings = load_settings(cfg)
         about = (

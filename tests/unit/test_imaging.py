@@ -94,3 +94,26 @@ def test_real_kermany_jpeg(real_samples):
     path = next((real_samples / "kermany" / "NORMAL").glob("*.jpeg"))
     pixels, _ = decode_gray(path.read_bytes())
     assert pixels.ndim == 2 and pixels.std() > 10
+
+
+def test_8bit_grey_pngs_decode_to_the_same_pixels_on_opencvs_fast_path(monkeypatch, real_samples):
+    """OpenCV decodes 8-bit grey PNGs (serving's hot path); its pixels are Pillow's, bit for bit."""
+    import pipelines.data.imaging as imaging
+
+    files = sorted((real_samples / "nih" / "images").glob("*.png"))[:10]
+    rng = np.random.default_rng(3)
+    blobs = [path.read_bytes() for path in files] + [encode_png(rng.integers(0, 256, (37, 91), dtype=np.uint8))]
+    assert all(imaging.png_gray8_size(blob) for blob in blobs[-3:])  # the test exercises the fast path
+    fast = [imaging.decode_gray(blob) for blob in blobs]
+    monkeypatch.setattr(imaging, "png_gray8_size", lambda data: None)  # Pillow only
+    slow = [imaging.decode_gray(blob) for blob in blobs]
+    for (a, mode_a), (b, mode_b) in zip(fast, slow, strict=True):
+        assert mode_a == mode_b  # "L", or RGBA for the two real samples Pillow decodes
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_truncated_grey_png_still_gets_pillows_reason():
+    blob = encode_png(np.random.default_rng(4).integers(0, 256, (64, 64), dtype=np.uint8))
+    with pytest.raises(ImageDecodeError) as err:
+        decode_gray(blob[: len(blob) // 2])
+    assert err.value.reason in ("truncated", "corrupt")
