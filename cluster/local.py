@@ -51,6 +51,9 @@ def read_state(folder: Path) -> dict | None:
 
 
 def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # not our child: the usual case (`cxr cluster up` has exited)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child that has exited (a test's cluster): reaped, not alive
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

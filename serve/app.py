@@ -41,7 +41,9 @@ def use_grpc_in_local_proxies(cfg: Config) -> None:
     """``serve.grpc`` for the proxies of a Ray this process is about to start: Serve reads the switch from the
     proxy's environment, which a local Ray's processes inherit from here. A joined cluster's proxies keep the
     cluster's setting (set the variable there); the router's own calls follow ``serve.grpc`` everywhere."""
-    if cfg.serve.grpc and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    import ray
+
+    if cfg.serve.grpc and not (ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault(PROXY_GRPC_ENV, "1")
 
 

@@ -4,6 +4,7 @@ cell answered requests without errors where the table shows them, and nothing is
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -63,3 +64,25 @@ def test_bench_cache_prints_its_table_and_writes_nothing(
     assert table["off"][1:3] == ["8", "0"] and table["off"][6] == "0%"  # 8 requests, no error, no hit
     assert table["on"][1:3] == ["8", "0"] and table["on"][6] == "50%"
     assert re.search(r"speed-up with the cache: [\d.]+x", out)
+
+
+def test_bench_serve_full_size_runs_every_cell_with_tiny_models(real_samples, tmp_path, capsys, benchmarks_untouched):
+    """``--full-size --tiny``: the full-size benchmark's path (ONNX exports, direct cells on 1 and N threads, the gate
+    set to a ViT share, batched and unbatched at 16 clients) with timm's test models, on real NIH PNGs."""
+    argv = ["bench", "serve", "--full-size", "--tiny", "--clients", "2", "--seconds", "1", "--max-requests", "8"]
+    argv += ["--images", "4", "--images-dir", str(real_samples / "nih" / "images"), "--vit-share", "0.5"]
+    sets = [f"train.run_dir={tmp_path / 'run'}", f"serve.port={free_port()}", *SMALL_SERVE_SETS]
+    assert main(argv + ["--config", str(CONFIG), *(f"--set={value}" for value in sets)]) == 0
+    out = capsys.readouterr().out
+    table = {(row[0], row[1]): row for row in _rows(out)}
+    threads = str(len(os.sched_getaffinity(0)))
+    cells = {(f"direct {mode}", n) for mode in ("cnn", "ensemble") for n in {"1", threads}}
+    cells |= {(f"serve {mode}", n) for mode in ("cnn", "ensemble") for n in "12"}
+    cells |= {("serve adaptive", n) for n in ("1", "2", "16")} | {("serve adaptive, unbatched", "16")}
+    assert set(table) == cells, table
+    assert all(int(row[2]) > 0 for row in table.values()), table
+    assert table[("serve adaptive", "2")][7] == "50%"  # 2 of the 4 images go to the ViT, as asked
+    assert "CNN ONNX Runtime fp32, ViT ONNX Runtime int8 (dynamic)" in out
+    for check in ("- CNN-only at 2 clients:", "- always-ensemble at 2 clients:", "- adaptive / always-ensemble at 2"):
+        assert check in out
+    assert "written to" not in out

@@ -3,8 +3,8 @@
 trains it), deployed the way `serve deploy` does it: ``serve/serve_config.yaml`` with its ``args`` pointed at them,
 applied through the Serve controller.
 
-The modules run in file-name order against the same app: endpoints, endpoints_metadata, errors, explain, then
-faults (the live reconfigure, the overload burst and the replica kill), which must come last.
+The modules run in file-name order against the same app: disconnect, endpoints, endpoints_metadata, errors, explain,
+then faults (the live reconfigure, the overload burst and the replica kill), which must come last.
 """
 
 from __future__ import annotations
