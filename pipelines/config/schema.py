@@ -97,6 +97,8 @@ class EvaluateConfig(Strict):
     ray_min_rows: int = Field(100000, ge=0)  # on 2 cores one process is 1.6x faster at 25k rows (RESULTS.md)
     batch_size: int = Field(64, ge=1)
     actors: int | None = Field(None, ge=1)  # None: one per GPU, or on CPUs one per CPU but one (left for reading)
+    # patient-level bootstrap replicates behind the report's 95% intervals (cnn, vit, ensemble, adaptive); 0: none
+    bootstrap_replicates: int = Field(100, ge=0)
 
 
 # ----------------------------------------------------------------------------------------------- tune

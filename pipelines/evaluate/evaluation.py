@@ -5,6 +5,7 @@ head, a row of the same model on the same rows with the metadata hidden (``cnn w
 
 Every head of the checkpoint's label spaces is scored on the images of its own source (``metrics.head_metrics``,
 ``metrics.head_calibration``); the adaptive gate decides each image on its own source's head, as tuning does.
+The CNN, ViT and both ensembles' figures get 95% intervals from a patient-level bootstrap (``uncertainty.py``).
 Writes ``report.md`` (a section per head), ``metrics.json`` and PNG plots (ROC curves, reliability diagrams,
 confusion matrices per head, a grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from
 ``inference.py``: in this process for small splits, as Ray Data batch inference for large ones, row for row the same.
@@ -36,9 +37,11 @@ from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
 from pipelines.evaluate.inference import predict_checkpoint, predict_local
 from pipelines.evaluate.metrics import head_calibration, head_metrics, headline, scored_heads
 from pipelines.evaluate.report import head_figures, write_report
+from pipelines.evaluate.uncertainty import bootstrap_intervals, patient_groups
 from pipelines.train import tracking
 
 log = logging.getLogger(__name__)
+INTERVAL_SYSTEMS = ("cnn", "vit", "ensemble", "adaptive")  # the rows that get bootstrap intervals
 
 
 class LabelSpaceMismatchError(CxrError, ValueError):
@@ -143,12 +146,19 @@ def evaluate(
     systems = {"cnn": cnn, "vit": vit, **hidden, **extra_preds, "ensemble": fused, "adaptive": adaptive_pred}
     metrics = {name: full_metrics(pred, spaces) for name, pred in systems.items()}
     metrics["adaptive"]["vit_fraction"] = float(used_vit.mean()) if len(used_vit) else 0.0
+    if cfg.evaluate.bootstrap_replicates:
+        groups = patient_groups(files)
+        for name in INTERVAL_SYSTEMS:
+            metrics[name]["intervals"] = bootstrap_intervals(
+                systems[name], spaces, groups, cfg.evaluate.bootstrap_replicates, seed=cfg.data.split_seed
+            )
     summary = {
         "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
         "extras": extra_about,
         "metadata_fusion": {role: model.uses_metadata for role, model in models.items()},
         "ensemble": {"w_cnn": w, "threshold": threshold, "source": settings.source},
         "tta_passes": tta,
+        "bootstrap_replicates": cfg.evaluate.bootstrap_replicates,
         "test_images": int(len(cnn["source"])),
         "label_spaces": [space.to_dict() for space in spaces],
         "test_images_per_head": {s.head: int((cnn["source"] == i).sum()) for i, s in enumerate(spaces)},

@@ -129,14 +129,17 @@ def head_calibration(space: LabelSpace, pred: dict[str, np.ndarray], index: int,
     return expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
 
 
-def headline(predictions: dict[str, np.ndarray], spaces: Sequence[LabelSpace]) -> dict[str, float]:
+def headline(
+    predictions: dict[str, np.ndarray], spaces: Sequence[LabelSpace], heads: dict[str, dict] | None = None
+) -> dict[str, float]:
     """The figures tracked per epoch, per head: a multi-label head's macro AUROC, a multi-class head's accuracy,
     macro F1 and macro AUROC, and the binary answer's AUROC where the head has one; and the score, the mean over
-    heads of their main figure (macro AUROC for multi-label, macro F1 for multi-class), over heads with rows."""
+    heads of their main figure (macro AUROC for multi-label, macro F1 for multi-class), over heads with rows.
+    ``heads``: each head's ``head_metrics``, where the caller has them already."""
     figures: dict[str, float] = {}
     mains = []
     for index, space in enumerate(spaces):
-        found = head_metrics(space, predictions, index)
+        found = heads[space.head] if heads is not None else head_metrics(space, predictions, index)
         if space.multi_label:
             figures[f"{space.head}_macro_auroc"] = found.get("macro", math.nan)
         else:

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from models.labels import LabelSpace, label_key  # noqa: E402
-from pipelines.evaluate.metrics import main_key  # noqa: E402
+from pipelines.evaluate.metrics import binary_name, main_key  # noqa: E402
 
 
 def head_figures(space: LabelSpace, metrics: dict[str, Any]) -> dict[str, float]:
@@ -42,8 +42,27 @@ def head_figures(space: LabelSpace, metrics: dict[str, Any]) -> dict[str, float]
 MULTICLASS_COLUMNS = (("accuracy", "accuracy"), ("macro F1", "macro_f1"), ("macro AUROC", "macro_auroc"))
 
 
+def figure_keys(space: LabelSpace) -> dict[str, str]:
+    """``head_figures``' column titles -> the keys of their bootstrap intervals (``evaluate.uncertainty``)."""
+    if space.multi_label:
+        keys = {"macro AUROC": f"{space.head}_macro_auroc"}
+    else:
+        keys = {name: f"{space.head}_{key}" for name, key in MULTICLASS_COLUMNS}
+    if space.binary is not None:
+        keys[f"{space.binary} (binary) AUROC"] = binary_name(space)
+    return keys | {"ECE": f"{space.head}_ece"}
+
+
 def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
+
+
+def _with_interval(value: float, metrics: dict[str, Any], key: str) -> str:
+    """The value, and its 95% interval where this system has one: ``0.825 [0.801, 0.846]``."""
+    low, high = (metrics.get("intervals") or {}).get(key, (math.nan, math.nan))
+    if value != value or low != low:
+        return _fmt(value)
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -151,10 +170,20 @@ def describe_metadata(fusion: dict[str, bool]) -> list[str]:
     return lines
 
 
+def describe_intervals(replicates: int, metrics: dict[str, Any]) -> list[str]:
+    with_intervals = [name for name, m in metrics.items() if m.get("intervals")]
+    if not replicates or not with_intervals:
+        return ["Without confidence intervals (`evaluate.bootstrap_replicates: 0`)."]
+    return [
+        f"Brackets: 95% confidence intervals from {replicates} bootstrap replicates that resample patients within "
+        f"each source (all images of a drawn patient), for {', '.join(with_intervals)}."
+    ]
+
+
 def summary_table(metrics: dict[str, Any], spaces: Sequence[LabelSpace]) -> list[str]:
     """system | score | each head's main figure (macro AUROC multi-label, macro F1 multi-class)."""
     header = ["system", "score"] + [f"{s.head} macro {'AUROC' if s.multi_label else 'F1'}" for s in spaces]
-    rows = [[name, _fmt(m["headline"]["score"])] + [_fmt(m["headline"][main_key(s)]) for s in spaces]
+    rows = [[name] + [_with_interval(m["headline"][key], m, key) for key in ["score", *map(main_key, spaces)]]
             for name, m in metrics.items()]  # fmt: skip
     return _table(header, rows)
 
@@ -169,7 +198,7 @@ def per_class_table(metrics: dict[str, Any], space: LabelSpace) -> list[str]:
             if not found:
                 cells.append("n/a")
             elif space.multi_label:
-                cells.append(_fmt(found["per_finding"][cls]))
+                cells.append(_with_interval(found["per_finding"][cls], m, f"{space.head}/{cls}_auroc"))
             else:
                 c = found["per_class"][cls]
                 cells.append(f"{c['precision']:.2f} / {c['recall']:.2f} / {c['f1']:.2f} / "
@@ -192,8 +221,9 @@ def head_section(
         what = "any class" if space.multi_label else f"any class but {', '.join(space.negatives)}"
         lines.append(f"The binary answer *{space.binary}* is {what}.")
     figures = {name: head_figures(space, m) for name, m in metrics.items()}
-    columns = list(next(iter(figures.values())))
-    lines += ["", *_table(["system", *columns], [[n, *(_fmt(f[c]) for c in columns)] for n, f in figures.items()])]
+    keys = figure_keys(space)
+    rows = [[n, *(_with_interval(v, metrics[n], keys[c]) for c, v in f.items())] for n, f in figures.items()]
+    lines += ["", *_table(["system", *keys], rows)]
     title = "AUROC per class" if space.multi_label else "per class (precision / recall / F1 / AUROC)"
     lines += ["", f"### `{space.head}` {title}", "", *per_class_table(metrics, space)]
     plots = [plot_roc(out, systems, space, index), plot_reliability(out, metrics, space)]
@@ -229,6 +259,7 @@ def write_report(
         "",
         "The score is the mean over heads of each head's main figure: macro AUROC for a multi-label head, macro F1 "
         "for a multi-class one.",
+        *describe_intervals(summary.get("bootstrap_replicates", 0), metrics),
         "",
         *summary_table(metrics, spaces),
     ]
