@@ -5,7 +5,8 @@ head, a row of the same model on the same rows with the metadata hidden (``cnn w
 
 Every head of the checkpoint's label spaces is scored on the images of its own source (``metrics.head_metrics``,
 ``metrics.head_calibration``); the adaptive gate decides each image on its own source's head, as tuning does.
-The CNN, ViT and both ensembles' figures get 95% intervals from a patient-level bootstrap (``uncertainty.py``).
+The CNN, ViT and both ensembles' figures get 95% intervals from a patient-level bootstrap (``uncertainty.py``);
+the adaptive ensemble's multi-label heads are scored per sex, age band and view position (``subgroups.py``).
 Writes ``report.md`` (a section per head), ``metrics.json`` and PNG plots (ROC curves, reliability diagrams,
 confusion matrices per head, a grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from
 ``inference.py``: in this process for small splits, as Ray Data batch inference for large ones, row for row the same.
@@ -37,11 +38,13 @@ from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
 from pipelines.evaluate.inference import predict_checkpoint, predict_local
 from pipelines.evaluate.metrics import head_calibration, head_metrics, headline, scored_heads
 from pipelines.evaluate.report import head_figures, write_report
+from pipelines.evaluate.subgroups import subgroup_fields, subgroup_metrics
 from pipelines.evaluate.uncertainty import bootstrap_intervals, patient_groups
 from pipelines.train import tracking
 
 log = logging.getLogger(__name__)
 INTERVAL_SYSTEMS = ("cnn", "vit", "ensemble", "adaptive")  # the rows that get bootstrap intervals
+SUBGROUP_SYSTEM = "adaptive"  # the answers serving gives: the row checked per subgroup
 
 
 class LabelSpaceMismatchError(CxrError, ValueError):
@@ -152,6 +155,7 @@ def evaluate(
             metrics[name]["intervals"] = bootstrap_intervals(
                 systems[name], spaces, groups, cfg.evaluate.bootstrap_replicates, seed=cfg.data.split_seed
             )
+    fields = subgroup_fields(files)
     summary = {
         "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
         "extras": extra_about,
@@ -163,6 +167,7 @@ def evaluate(
         "label_spaces": [space.to_dict() for space in spaces],
         "test_images_per_head": {s.head: int((cnn["source"] == i).sum()) for i, s in enumerate(spaces)},
         "systems": metrics,
+        "subgroups": {SUBGROUP_SYSTEM: subgroup_metrics(systems[SUBGROUP_SYSTEM], spaces, fields)},
     }
     out.mkdir(parents=True, exist_ok=True)
     grid = None

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from models.labels import LabelSpace, label_key  # noqa: E402
 from pipelines.evaluate.metrics import binary_name, main_key  # noqa: E402
+from pipelines.evaluate.subgroups import FLAG_BELOW, MIN_GROUP_IMAGES, MIN_POSITIVES  # noqa: E402
 
 
 def head_figures(space: LabelSpace, metrics: dict[str, Any]) -> dict[str, float]:
@@ -234,6 +235,28 @@ def head_section(
     return lines
 
 
+def subgroup_section(found: dict[str, Any], system: str) -> list[str]:
+    """``system``'s multi-label heads per subgroup (``subgroups.subgroup_metrics``): a table of groups, then every
+    finding's worst and best group, largest gap first."""
+    lines = ["", f"## Subgroups ({system})", ""]
+    lines.append(
+        f"Each multi-label head on its own test images by sex, age band and view position (groups of at least "
+        f"{MIN_GROUP_IMAGES} images; a finding needs {MIN_POSITIVES} positives and negatives in the group). "
+        f"**Flagged**: AUROC more than {FLAG_BELOW} below the head's overall figure. Small groups are noisy: weigh a "
+        "flag against the intervals above."
+    )
+    for head, block in found.items():
+        rows = [["all", "", _fmt(block["overall"]["macro"]), ""]]
+        rows += [[name, str(g["images"]), _fmt(g["macro"]), ", ".join(g["flagged"]) or "-"]
+                 for name, g in block["groups"].items()]  # fmt: skip
+        lines += ["", f"### `{head}` by group", "", *_table(["group", "images", "macro AUROC", "flagged"], rows)]
+        gaps = sorted(block["findings"].items(), key=lambda item: -item[1]["gap"])
+        if gaps:
+            rows = [[finding, g["worst"], g["best"], f"{g['gap']:.3f}"] for finding, g in gaps]
+            lines += ["", *_table(["finding", "worst group", "best group", "AUROC gap"], rows)]
+    return lines
+
+
 def write_report(
     out: Path,
     summary: dict[str, Any],
@@ -265,6 +288,8 @@ def write_report(
     ]
     for index, space in enumerate(spaces):
         lines += head_section(out, summary, systems, space, index)
+    for system, found in (summary.get("subgroups") or {}).items():
+        lines += subgroup_section(found, system)
     if explanation_grid:
         lines += [
             "",
