@@ -50,9 +50,17 @@ class EnsembleSettings:
     threshold: float
     source: str  # the ensemble.yaml path, or "config" for ray_config.yaml's `ensemble:` section
     tuned_for: dict[str, Any] = field(default_factory=dict)
+    # per role and head, the temperature stage B fitted on the validation split (models/calibration.py); none: 1.0
+    temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"w_cnn": self.w_cnn, "threshold": self.threshold, "source": self.source, "tuned_for": self.tuned_for}
+        return {
+            "w_cnn": self.w_cnn,
+            "threshold": self.threshold,
+            "source": self.source,
+            "tuned_for": self.tuned_for,
+            "temperatures": self.temperatures,
+        }
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -157,7 +165,15 @@ def read_settings(path: str | Path) -> EnsembleSettings:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise EnsembleSettingsError(f"{path}: {key} must be a number in [{low}, {high}], got {value!r}")
         values[key] = float(value)
-    return EnsembleSettings(source=str(path), tuned_for=data.get("tuned_for") or {}, **values)
+    temperatures: dict[str, dict[str, float]] = {}
+    for role, heads in (data.get("temperatures") or {}).items():
+        for head, value in (heads or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                what = f"temperatures.{role}.{head}"
+                raise EnsembleSettingsError(f"{path}: {what} must be a positive number, got {value!r}")
+            temperatures.setdefault(role, {})[head] = float(value)
+    tuned_for = data.get("tuned_for") or {}
+    return EnsembleSettings(source=str(path), tuned_for=tuned_for, temperatures=temperatures, **values)
 
 
 def load_settings(cfg: Config, path: str | Path | None = None) -> EnsembleSettings:

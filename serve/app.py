@@ -79,6 +79,7 @@ def gate_user_config(cfg: Config, ensemble_path: str | Path | None = None) -> di
         "finding_thresholds": dict(cfg.serve.finding_thresholds),
         "source": settings.source,
         "tuned_for": settings.tuned_for,
+        "temperatures": settings.temperatures,
     }
 
 

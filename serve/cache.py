@@ -99,6 +99,7 @@ def cache_key(
         "heads": list(heads),
         "w_cnn": float(settings.w_cnn),
         "threshold": float(settings.threshold),
+        "temperatures": {role: settings.temperatures.get(role, {}) for role in roles_for(mode)},
         "models": {role: fingerprints[role] for role in roles_for(mode)},
         "metadata": metadata_part(metadata),
     }

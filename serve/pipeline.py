@@ -12,7 +12,6 @@ replica with the image; a replica whose model has no fusion head ignores it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
+from models.calibration import calibrate
 from models.checkpoint import PreprocessSpec
 from models.ensemble import confidence, fuse, needs_vit
 from models.explain import fuse_maps
@@ -153,8 +153,14 @@ class EnsemblePipeline:
 
         The gate scores the CNN on ``heads`` only (the heads the caller reads; None: every head), as evaluation and
         tuning score each image on its own dataset's head; every head is answered either way. ``metadata`` goes to
-        every model asked (see ``predict``)."""
-        ask = functools.partial(self.predict, metadata=metadata)
+        every model asked (see ``predict``). Each model's probabilities are calibrated at ``settings.temperatures``
+        (tune stage B's, from ensemble.yaml) before the gate reads them and before fusion."""
+
+        async def ask(role: str, *args: Any) -> dict[str, Any]:  # the model's answer at its temperatures
+            probs = await self.predict(role, *args, metadata=metadata)
+            temperatures = settings.temperatures.get(role)
+            return calibrate(probs, await self.label_spaces(role), temperatures) if temperatures else probs
+
         cache: dict[PreprocessSpec, np.ndarray] = {}
         timings: dict[str, float] = {}
         answered: dict[str, str | None] = {}  # role -> fingerprint of the replica that answered

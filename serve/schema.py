@@ -30,10 +30,12 @@ class GateSettings:
     finding_thresholds: dict[str, float] = field(default_factory=dict)
     source: str = "config"  # where w_cnn and threshold came from: an ensemble.yaml path or "config"
     tuned_for: dict[str, Any] = field(default_factory=dict)
+    # {role: {head: T}} from ensemble.yaml: each model's probabilities are calibrated before fusion and the gate
+    temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def from_user_config(cls, user_config: dict[str, Any]) -> GateSettings:
-        known = {"w_cnn", "threshold", "finding_threshold", "finding_thresholds", "source", "tuned_for"}
+        known = {"w_cnn", "threshold", "finding_threshold", "finding_thresholds", "source", "tuned_for", "temperatures"}
         unknown = sorted(set(user_config) - known)
         if unknown:
             raise ValueError(f"user_config: unknown keys {unknown}; known: {sorted(known)}")
@@ -43,6 +45,11 @@ class GateSettings:
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"user_config: {name} must be a number in [0, 1], got {value!r}")
+        for role, heads in settings.temperatures.items():
+            for head, value in heads.items():
+                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                    what = f"temperatures.{role}.{head}"
+                    raise ValueError(f"user_config: {what} must be a positive number, got {value!r}")
         return settings
 
     def as_dict(self) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """`cxr tune ensemble` (stage B): search the fusion weight and the gate threshold with Ray Tune.
 
 The CNN's and the ViT's validation predictions are computed once (cached beside their checkpoints, every head of
-their label spaces); each trial then scores one (w_cnn, threshold) point on them (``tune.objective``: the weighted
-mean over heads of each head's main figure, against the ViT fraction). The chosen point goes to
-``<train.run_dir>/ensemble.yaml``, which evaluation and serving read, with a plot of quality against the fraction
-of images sent to the ViT; the chosen point is then reported on the test split against CNN-only and
-always-ensemble.
+their label spaces) and calibrated first: a temperature per model and head is fitted on them
+(``models.calibration``), so the gate is tuned on the confidences evaluation and serving read. Each trial then
+scores one (w_cnn, threshold) point (``tune.objective``: the weighted mean over heads of each head's main figure,
+against the ViT fraction). The chosen point and the temperatures go to ``<train.run_dir>/ensemble.yaml``, which
+evaluation and serving read, with a plot of quality against the fraction of images sent to the ViT; the chosen
+point is then reported on the test split against CNN-only and always-ensemble.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import pandas as pd
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from models.calibration import calibrate, fit_head_temperatures
 from models.errors import CxrError
 from models.labels import LabelSpace
 from pipelines.artifacts import default_path, latest_checkpoint, latest_training, write_settings
 from pipelines.cli import run_module
 from pipelines.config import Config, EnsembleTuneConfig
-from pipelines.evaluate.metrics import main_key
+from pipelines.evaluate.metrics import head_calibration, main_key
 from pipelines.runtime import ensure_ray
 from pipelines.train import tracking
 from tune.objective import evaluate_point, reference_points
@@ -105,9 +107,31 @@ def _role_record(role: str, checkpoint: Path, cfg: Config) -> dict[str, Any]:
     return record
 
 
+def fit_calibration(
+    val: dict[str, dict[str, np.ndarray]], spaces: Sequence[LabelSpace]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    """Each role's temperature per head on the validation split, and its ECE there before and after."""
+    temperatures = {role: fit_head_temperatures(pred, spaces) for role, pred in val.items()}
+    ece = {}
+    for role, pred in val.items():
+        after = calibrate(pred, spaces, temperatures[role])
+        ece[role] = {
+            space.head: {
+                "temperature": round(temperatures[role][space.head], 4),
+                "ece_before": round(head_calibration(space, pred, index)["ece"], 4),
+                "ece_after": round(head_calibration(space, after, index)["ece"], 4),
+            }
+            for index, space in enumerate(spaces)
+        }
+    return temperatures, ece
+
+
 def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: int = 0) -> dict[str, Any]:
     settings = cfg.tune.ensemble
-    val, spaces = _both(cfg, cnn_dir, vit_dir, "val")
+    raw_val, spaces = _both(cfg, cnn_dir, vit_dir, "val")
+    # the gate reads calibrated confidences: temperatures first (on validation), then the search on their output
+    temperatures, calibration = fit_calibration(raw_val, spaces)
+    val = {role: calibrate(pred, spaces, temperatures[role]) for role, pred in raw_val.items()}
     ensure_ray(cfg)
     start = {"w_cnn": cfg.ensemble.w_cnn, "threshold": min(max(cfg.ensemble.threshold, 0.5), 1.0)}
     frame = search(val["cnn"], val["vit"], spaces, settings, out.parent / "tune", seed=seed, start=start)
@@ -115,7 +139,8 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
     w_cnn, threshold = float(best["w_cnn"]), float(best["threshold"])
     if not best["feasible"]:
         log.warning("no point met vit_fraction <= %.2f; writing the least infeasible", settings.max_vit_fraction)
-    test, _ = _both(cfg, cnn_dir, vit_dir, "test")
+    raw_test, _ = _both(cfg, cnn_dir, vit_dir, "test")
+    test = {role: calibrate(pred, spaces, temperatures[role]) for role, pred in raw_test.items()}
     figures = {
         split: reference_points(preds["cnn"], preds["vit"], w_cnn, threshold, spaces, settings)
         for split, preds in (("validation", val), ("test", test))
@@ -126,6 +151,8 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
         w_cnn,
         threshold,
         tuned_for={"cnn": _role_record("cnn", cnn_dir, cfg), "vit": _role_record("vit", vit_dir, cfg)},
+        temperatures={role: {head: round(t, 6) for head, t in heads.items()} for role, heads in temperatures.items()},
+        calibration=calibration,
         objective=settings.model_dump(mode="json"),
         trials=len(frame),
         validation=_plain(figures["validation"]),
@@ -136,6 +163,7 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
     return {
         "w_cnn": w_cnn,
         "threshold": threshold,
+        "calibration": calibration,
         "figures": figures,
         "spaces": spaces,
         "path": out,
@@ -210,6 +238,11 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     print(f"chosen: w_cnn {result['w_cnn']:.3f}, threshold {result['threshold']:.3f}  (objective: {rule})")
     for split in ("validation", "test"):
         print(f"\n{split} split\n{format_table(result['figures'][split], result['spaces'])}")
+    print("\ntemperature scaling on the validation split (ECE before -> after):")
+    for role, heads in result["calibration"].items():
+        cells = [f"{h} T={c['temperature']:.2f} {c['ece_before']:.3f} -> {c['ece_after']:.3f}"
+                 for h, c in heads.items()]  # fmt: skip
+        print(f"  {role}: " + ", ".join(cells))
     print(f"\nwritten: {result['path']}\nplot: {result['plot']}\nMLflow run: {result['run_id']}")
     return 0
 

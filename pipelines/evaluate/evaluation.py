@@ -25,6 +25,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from models.calibration import calibrate
 from models.checkpoint import label_spaces_of, load_checkpoint, model_from_checkpoint
 from models.ensemble import adaptive, fuse
 from models.errors import CxrError
@@ -134,15 +135,20 @@ def evaluate(
     require_spaces(vit_dir, payloads["vit"], spaces)
     models = {role: model_from_checkpoint(None, payload).eval() for role, payload in payloads.items()}
     checkpoints = {"cnn": cnn_dir, "vit": vit_dir}
-    preds = {role: predict_checkpoint(cfg, checkpoints[role], files, tta, model) for role, model in models.items()}
-    cnn, vit = preds["cnn"], preds["vit"]
+    raw = {role: predict_checkpoint(cfg, checkpoints[role], files, tta, model) for role, model in models.items()}
     settings = load_settings(cfg, ensemble)
+    # each model's probabilities at the temperatures stage B fitted (none: as they are), as serving answers
+    temperatures = {role: settings.temperatures.get(role, {}) for role in models}
+    preds = {role: calibrate(pred, spaces, temperatures[role]) for role, pred in raw.items()}
+    cnn, vit = preds["cnn"], preds["vit"]
     w, threshold = settings.w_cnn, settings.threshold
     fused = {**cnn, **fuse({s.head: cnn[s.head] for s in spaces}, {s.head: vit[s.head] for s in spaces}, w)}
     adaptive_pred, used_vit = gated(cnn, vit, spaces, w, threshold)
     extra_preds, extra_about = predict_extras(cfg, list(extras or []), files, spaces, tta)
     hidden = {
-        f"{role} without metadata": predict_local(model, cfg, files, tta, use_metadata=False)
+        f"{role} without metadata": calibrate(
+            predict_local(model, cfg, files, tta, use_metadata=False), spaces, temperatures[role]
+        )
         for role, model in models.items()
         if model.uses_metadata
     }
@@ -168,6 +174,7 @@ def evaluate(
         "test_images_per_head": {s.head: int((cnn["source"] == i).sum()) for i, s in enumerate(spaces)},
         "systems": metrics,
         "subgroups": {SUBGROUP_SYSTEM: subgroup_metrics(systems[SUBGROUP_SYSTEM], spaces, fields)},
+        "temperature_scaling": temperature_table(raw, preds, spaces, temperatures),
     }
     out.mkdir(parents=True, exist_ok=True)
     grid = None
@@ -180,6 +187,21 @@ def evaluate(
     write_report(out, summary, systems, spaces, grid)
     _log_to_mlflow(cfg, out, summary)
     return summary
+
+
+def temperature_table(raw: dict, calibrated: dict, spaces: Sequence[LabelSpace], temperatures: dict) -> dict:
+    """Per role and head: its temperature and the test split's ECE before and after it."""
+    return {
+        role: {
+            space.head: {
+                "temperature": float(temperatures[role].get(space.head, 1.0)),
+                "ece_before": head_calibration(space, raw[role], index)["ece"],
+                "ece_after": head_calibration(space, calibrated[role], index)["ece"],
+            }
+            for index, space in enumerate(spaces)
+        }
+        for role in raw
+    }
 
 
 def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:

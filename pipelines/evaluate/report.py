@@ -235,6 +235,24 @@ def head_section(
     return lines
 
 
+def calibration_section(scaling: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Temperature scaling per role and head: T and the test split's ECE before and after it."""
+    if not scaling:
+        return []
+    fitted = any(c["temperature"] != 1.0 for heads in scaling.values() for c in heads.values())
+    lines = ["", "## Calibration (temperature scaling)", ""]
+    fitted_text = (
+        "Each model's logits per head divided by a temperature fitted on the validation split by `cxr tune ensemble` "
+        "(stored in ensemble.yaml); every figure above, the fusion and the gate use the calibrated probabilities. "
+        "ECE on the test split:"
+    )
+    missing_text = "No temperatures in the ensemble settings (run `cxr tune ensemble`): probabilities as given."
+    lines.append(fitted_text if fitted else missing_text)
+    rows = [[role, head, f"{c['temperature']:.3f}", _fmt(c["ece_before"]), _fmt(c["ece_after"])]
+            for role, heads in scaling.items() for head, c in heads.items()]  # fmt: skip
+    return lines + ["", *_table(["model", "head", "temperature", "ECE before", "ECE after"], rows)]
+
+
 def subgroup_section(found: dict[str, Any], system: str) -> list[str]:
     """``system``'s multi-label heads per subgroup (``subgroups.subgroup_metrics``): a table of groups, then every
     finding's worst and best group, largest gap first."""
@@ -288,6 +306,7 @@ def write_report(
     ]
     for index, space in enumerate(spaces):
         lines += head_section(out, summary, systems, space, index)
+    lines += calibration_section(summary.get("temperature_scaling") or {})
     for system, found in (summary.get("subgroups") or {}).items():
         lines += subgroup_section(found, system)
     if explanation_grid:

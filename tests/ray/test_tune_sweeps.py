@@ -138,3 +138,31 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tiny_shards
 def _trial_result_file(sweep_dir: Path, trial_id: str) -> Path:
     (found,) = [p for p in sweep_dir.glob(f"*{trial_id}*/result.json")]
     return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_stage_b_calibrates_first_and_evaluation_applies_the_temperatures(tiny_shards, tiny_checkpoints, tmp_path):
+    """`cxr tune ensemble` fits a temperature per model and head on the validation split, writes them beside the
+    gate, and `cxr evaluate` reports and applies them."""
+    import shutil
+
+    from pipelines.artifacts import read_settings
+    from pipelines.evaluate.evaluation import evaluate
+    from tune.ensemble_sweep import tune_ensemble
+
+    checkpoints = {role: shutil.copytree(path, tmp_path / role) for role, path in tiny_checkpoints.items()}
+    sets = ["data.storage_size=32", f"data.shards_dir={tiny_shards}", f"train.run_dir={tmp_path / 'run'}"]
+    sets += ["tune.ensemble.num_samples=6", "evaluate.bootstrap_replicates=0"]
+    cfg = load_config(CONFIG, "demo", sets)
+    result = tune_ensemble(cfg, checkpoints["cnn"], checkpoints["vit"], tmp_path / "run" / "ensemble.yaml")
+    settings = read_settings(result["path"])
+    heads = {space.head for space in SPACES}
+    assert set(settings.temperatures) == {"cnn", "vit"}
+    assert all(set(found) == heads and min(found.values()) > 0 for found in settings.temperatures.values())
+    assert set(result["calibration"]["cnn"]["covid"]) == {"temperature", "ece_before", "ece_after"}
+
+    summary = evaluate(cfg, checkpoints["cnn"], checkpoints["vit"], tmp_path / "evaluation", explain_per_class=0)
+    scaling = summary["temperature_scaling"]
+    assert scaling["vit"]["nih14"]["temperature"] == pytest.approx(settings.temperatures["vit"]["nih14"])
+    assert "## Calibration (temperature scaling)" in (tmp_path / "evaluation" / "report.md").read_text()

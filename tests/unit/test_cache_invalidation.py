@@ -48,6 +48,8 @@ def base_key(**changes) -> str:
         {"heads": ("covid", "nih14")},  # the order is part of the request as the router sees it
         {"settings": GateSettings(w_cnn=0.5, threshold=0.85)},
         {"settings": GateSettings(w_cnn=0.4, threshold=0.8)},
+        {"settings": GateSettings(w_cnn=0.4, threshold=0.85, temperatures={"cnn": {"nih14": 1.5}})},
+        {"settings": GateSettings(w_cnn=0.4, threshold=0.85, temperatures={"vit": {"covid": 0.8}})},
         {"fingerprints": {**FINGERPRINTS, "cnn": "d" * 64}},
         {"fingerprints": {**FINGERPRINTS, "vit": "w" * 64}},  # adaptive could call the ViT
     ],
