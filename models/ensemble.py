@@ -40,6 +40,13 @@ def confidence(
     return result
 
 
+def refer_floor(confidences: np.ndarray, coverage: float) -> float:
+    """The confidence below which an answer is referred so that ``coverage`` of these answers stand."""
+    if coverage >= 1.0 or not len(confidences):
+        return 0.0
+    return float(np.quantile(np.asarray(confidences, dtype=float), 1.0 - coverage))
+
+
 def fuse(p_cnn: Mapping[str, np.ndarray], p_vit: Mapping[str, np.ndarray], w_cnn: float) -> dict[str, np.ndarray]:
     if not 0.0 <= w_cnn <= 1.0:
         raise ValueError(f"w_cnn must be in [0, 1], got {w_cnn}")

@@ -52,6 +52,7 @@ class EnsembleSettings:
     tuned_for: dict[str, Any] = field(default_factory=dict)
     # per role and head, the temperature stage B fitted on the validation split (models/calibration.py); none: 1.0
     temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
+    refer_below: float = 0.0  # an answer less confident than this says "refer" (stage B's floor; 0: never)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class EnsembleSettings:
             "source": self.source,
             "tuned_for": self.tuned_for,
             "temperatures": self.temperatures,
+            "refer_below": self.refer_below,
         }
 
 
@@ -160,8 +162,8 @@ def read_settings(path: str | Path) -> EnsembleSettings:
     if not isinstance(data, dict):
         raise EnsembleSettingsError(f"{path}: expected a mapping with w_cnn and threshold")
     values = {}
-    for key, low, high in (("w_cnn", 0.0, 1.0), ("threshold", 0.0, 1.0)):
-        value = data.get(key)
+    for key, low, high in (("w_cnn", 0.0, 1.0), ("threshold", 0.0, 1.0), ("refer_below", 0.0, 1.0)):
+        value = data.get(key, 0.0 if key == "refer_below" else None)  # older files have no floor: never refer
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise EnsembleSettingsError(f"{path}: {key} must be a number in [{low}, {high}], got {value!r}")
         values[key] = float(value)

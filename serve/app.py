@@ -80,6 +80,7 @@ def gate_user_config(cfg: Config, ensemble_path: str | Path | None = None) -> di
         "source": settings.source,
         "tuned_for": settings.tuned_for,
         "temperatures": settings.temperatures,
+        "refer_below": settings.refer_below,
     }
 
 

@@ -195,6 +195,10 @@ class EnsemblePipeline:
             "fingerprints": answered,
         }
 
+    async def answer_confidence(self, probs: dict[str, Any], heads: tuple[str, ...] | None) -> float:
+        """The answer's confidence as the gate measures it (the lowest over ``heads``), for the referral floor."""
+        return float(confidence(*await self._gated(probs, heads))[0])
+
     async def _gated(self, p_cnn: dict[str, Any], heads: tuple[str, ...] | None) -> tuple[dict, dict, dict]:
         """(the CNN's probabilities as a batch of one, its label spaces by head, the heads scored) for the gate."""
         spaces = by_head(await self.label_spaces("cnn"))

@@ -211,6 +211,9 @@ class EnsembleRouter:
         if result["escalated"] and not cached.hit:  # a cached answer called no ViT
             self.metrics.escalated()
         spaces = await self.pipeline.label_spaces(result["models_used"][0])
+        # the answer's own confidence (on the heads the caller reads) against stage B's floor: below it, refer
+        answer_confidence = await self.pipeline.answer_confidence(result["probs"], heads)
+        refer = answer_confidence < settings.refer_below
         body = {
             "api_version": API_VERSION,
             "mode": mode,
@@ -223,6 +226,13 @@ class EnsembleRouter:
                 "heads": list(heads),
                 "escalated": result["escalated"],
             },
+            "refer": refer,
+            "refer_reason": (
+                f"the answer's confidence on {', '.join(heads)} ({answer_confidence:.3f}) is below the referral "
+                f"floor {settings.refer_below:.3f}: have a radiologist read this image"
+                if refer
+                else None
+            ),
             "model_versions": {role: self.pipeline.info[role]["version"] for role in result["models_used"]},
             "input": {"format": image_format, "width": int(gray.shape[1]), "height": int(gray.shape[0])},
             "metadata": metadata.as_json(self.pipeline.metadata_users(result["models_used"])),

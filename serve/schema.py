@@ -32,15 +32,17 @@ class GateSettings:
     tuned_for: dict[str, Any] = field(default_factory=dict)
     # {role: {head: T}} from ensemble.yaml: each model's probabilities are calibrated before fusion and the gate
     temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
+    refer_below: float = 0.0  # an answer less confident than this says "refer": true (0: never)
 
     @classmethod
     def from_user_config(cls, user_config: dict[str, Any]) -> GateSettings:
-        known = {"w_cnn", "threshold", "finding_threshold", "finding_thresholds", "source", "tuned_for", "temperatures"}
+        known = {"w_cnn", "threshold", "finding_threshold", "finding_thresholds", "source", "tuned_for", "temperatures",
+                 "refer_below"}  # fmt: skip
         unknown = sorted(set(user_config) - known)
         if unknown:
             raise ValueError(f"user_config: unknown keys {unknown}; known: {sorted(known)}")
         settings = cls(**user_config)
-        values = {name: getattr(settings, name) for name in ("w_cnn", "threshold", "finding_threshold")}
+        values = {name: getattr(settings, name) for name in ("w_cnn", "threshold", "finding_threshold", "refer_below")}
         values.update({f"finding_thresholds.{k}": v for k, v in settings.finding_thresholds.items()})
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:

@@ -27,8 +27,9 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from models.calibration import calibrate, fit_head_temperatures
+from models.ensemble import adaptive, confidence, refer_floor
 from models.errors import CxrError
-from models.labels import LabelSpace
+from models.labels import LabelSpace, by_head
 from pipelines.artifacts import default_path, latest_checkpoint, latest_training, write_settings
 from pipelines.cli import run_module
 from pipelines.config import Config, EnsembleTuneConfig
@@ -126,6 +127,19 @@ def fit_calibration(
     return temperatures, ece
 
 
+def referral_floor(
+    val: dict[str, dict[str, np.ndarray]], spaces: Sequence[LabelSpace], w_cnn: float, threshold: float, coverage: float
+) -> float:
+    """The gated ensemble's confidence (each image on its own head) below which ``1 - coverage`` of the validation
+    images fall: answers less confident than this are referred."""
+    heads = [space.head for space in spaces]
+    scored = {space.head: val["cnn"]["source"] == index for index, space in enumerate(spaces)}
+    final, _ = adaptive(
+        {h: val["cnn"][h] for h in heads}, {h: val["vit"][h] for h in heads}, by_head(spaces), w_cnn, threshold, scored
+    )
+    return refer_floor(confidence(final, by_head(spaces), scored), coverage)
+
+
 def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: int = 0) -> dict[str, Any]:
     settings = cfg.tune.ensemble
     raw_val, spaces = _both(cfg, cnn_dir, vit_dir, "val")
@@ -141,6 +155,7 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
         log.warning("no point met vit_fraction <= %.2f; writing the least infeasible", settings.max_vit_fraction)
     raw_test, _ = _both(cfg, cnn_dir, vit_dir, "test")
     test = {role: calibrate(pred, spaces, temperatures[role]) for role, pred in raw_test.items()}
+    refer_below = referral_floor(val, spaces, w_cnn, threshold, settings.refer_coverage)
     figures = {
         split: reference_points(preds["cnn"], preds["vit"], w_cnn, threshold, spaces, settings)
         for split, preds in (("validation", val), ("test", test))
@@ -153,6 +168,8 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
         tuned_for={"cnn": _role_record("cnn", cnn_dir, cfg), "vit": _role_record("vit", vit_dir, cfg)},
         temperatures={role: {head: round(t, 6) for head, t in heads.items()} for role, heads in temperatures.items()},
         calibration=calibration,
+        refer_below=round(refer_below, 6),
+        refer_coverage=settings.refer_coverage,
         objective=settings.model_dump(mode="json"),
         trials=len(frame),
         validation=_plain(figures["validation"]),
@@ -164,6 +181,7 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
         "w_cnn": w_cnn,
         "threshold": threshold,
         "calibration": calibration,
+        "refer_below": refer_below,
         "figures": figures,
         "spaces": spaces,
         "path": out,
@@ -238,6 +256,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     print(f"chosen: w_cnn {result['w_cnn']:.3f}, threshold {result['threshold']:.3f}  (objective: {rule})")
     for split in ("validation", "test"):
         print(f"\n{split} split\n{format_table(result['figures'][split], result['spaces'])}")
+    print(f"\nanswers below confidence {result['refer_below']:.3f} say refer "
+          f"(refer_below; {settings.refer_coverage:.0%} of validation images answered)")  # fmt: skip
     print("\ntemperature scaling on the validation split (ECE before -> after):")
     for role, heads in result["calibration"].items():
         cells = [f"{h} T={c['temperature']:.2f} {c['ece_before']:.3f} -> {c['ece_after']:.3f}"

@@ -112,6 +112,9 @@ class EnsembleTuneConfig(Strict):
     # a head not named here weighs 1.0, so by default every head counts the same (as in the training score)
     head_weights: dict[str, float] = {}
     vit_cost: float = Field(0.1, ge=0.0)  # tradeoff objective: quality - vit_cost * vit_fraction
+    # the share of validation images the gated ensemble answers; below the confidence that leaves this share, an
+    # answer says "refer" (1.0: never)
+    refer_coverage: float = Field(0.95, gt=0.0, le=1.0)
 
     @field_validator("head_weights")
     @classmethod

@@ -38,6 +38,7 @@ from pipelines.data.transforms import TransformSpec
 from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
 from pipelines.evaluate.inference import predict_checkpoint, predict_local
 from pipelines.evaluate.metrics import head_calibration, head_metrics, headline, scored_heads
+from pipelines.evaluate.referral import risk_coverage
 from pipelines.evaluate.report import head_figures, write_report
 from pipelines.evaluate.subgroups import subgroup_fields, subgroup_metrics
 from pipelines.evaluate.uncertainty import bootstrap_intervals, patient_groups
@@ -175,6 +176,10 @@ def evaluate(
         "systems": metrics,
         "subgroups": {SUBGROUP_SYSTEM: subgroup_metrics(systems[SUBGROUP_SYSTEM], spaces, fields)},
         "temperature_scaling": temperature_table(raw, preds, spaces, temperatures),
+        "referral": {
+            "refer_below": settings.refer_below,
+            "heads": risk_coverage(adaptive_pred, spaces, settings.refer_below),
+        },
     }
     out.mkdir(parents=True, exist_ok=True)
     grid = None

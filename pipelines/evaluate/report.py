@@ -253,6 +253,27 @@ def calibration_section(scaling: dict[str, dict[str, dict[str, float]]]) -> list
     return lines + ["", *_table(["model", "head", "temperature", "ECE before", "ECE after"], rows)]
 
 
+def referral_section(referral: dict[str, Any]) -> list[str]:
+    """The adaptive ensemble's figure per head when only its most confident answers stand (``referral.py``)."""
+    if not referral.get("heads"):
+        return []
+    floor = referral["refer_below"]
+    lines = ["", "## Referral: coverage against quality (adaptive)", ""]
+    lines.append(
+        "Each head's answers on its own test images, most confident first: the figure on the share answered, the rest "
+        f"referred. Serving refers answers below the floor {floor:.3f} from `cxr tune ensemble` (`refer_below`, for "
+        "`tune.ensemble.refer_coverage` of the validation images); the last column is where it lands on this split."
+    )
+    coverages = list(next(iter(referral["heads"].values()))["points"])
+    header = ["head", "figure", *(f"{c:.0%}" for c in coverages), "at the floor"]
+    rows = []
+    for head, found in referral["heads"].items():
+        at = found["at_floor"]
+        cells = [_fmt(found["points"][c]) for c in coverages]
+        rows.append([head, found["figure"], *cells, f"{_fmt(at['figure'])} ({at['coverage']:.0%} answered)"])
+    return lines + ["", *_table(header, rows)]
+
+
 def subgroup_section(found: dict[str, Any], system: str) -> list[str]:
     """``system``'s multi-label heads per subgroup (``subgroups.subgroup_metrics``): a table of groups, then every
     finding's worst and best group, largest gap first."""
@@ -307,6 +328,7 @@ def write_report(
     for index, space in enumerate(spaces):
         lines += head_section(out, summary, systems, space, index)
     lines += calibration_section(summary.get("temperature_scaling") or {})
+    lines += referral_section(summary.get("referral") or {})
     for system, found in (summary.get("subgroups") or {}).items():
         lines += subgroup_section(found, system)
     if explanation_grid:

@@ -143,8 +143,8 @@ def _trial_result_file(sweep_dir: Path, trial_id: str) -> Path:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_stage_b_calibrates_first_and_evaluation_applies_the_temperatures(tiny_shards, tiny_checkpoints, tmp_path):
-    """`cxr tune ensemble` fits a temperature per model and head on the validation split, writes them beside the
-    gate, and `cxr evaluate` reports and applies them."""
+    """`cxr tune ensemble` fits a temperature per model and head on the validation split and the referral floor,
+    writes them beside the gate, and `cxr evaluate` reports and applies them."""
     import shutil
 
     from pipelines.artifacts import read_settings
@@ -161,8 +161,11 @@ def test_stage_b_calibrates_first_and_evaluation_applies_the_temperatures(tiny_s
     assert set(settings.temperatures) == {"cnn", "vit"}
     assert all(set(found) == heads and min(found.values()) > 0 for found in settings.temperatures.values())
     assert set(result["calibration"]["cnn"]["covid"]) == {"temperature", "ece_before", "ece_after"}
+    assert 0.0 < settings.refer_below < 1.0  # the floor that leaves 95% of validation answers standing
 
     summary = evaluate(cfg, checkpoints["cnn"], checkpoints["vit"], tmp_path / "evaluation", explain_per_class=0)
     scaling = summary["temperature_scaling"]
     assert scaling["vit"]["nih14"]["temperature"] == pytest.approx(settings.temperatures["vit"]["nih14"])
-    assert "## Calibration (temperature scaling)" in (tmp_path / "evaluation" / "report.md").read_text()
+    report = (tmp_path / "evaluation" / "report.md").read_text()
+    assert "## Calibration (temperature scaling)" in report and "## Referral: coverage against quality" in report
+    assert summary["referral"]["refer_below"] == pytest.approx(settings.refer_below)

@@ -41,6 +41,17 @@ def test_live_reconfigure_changes_the_gate_without_restarting_replicas(served):
     _reconfigure(served, always_vit)
     body = post(served, data=png(seed=7)).json()
     assert body["models_used"] == ["cnn", "vit"] and body["gate"]["escalated"] is True
+    assert body["refer"] is False and body["refer_reason"] is None  # no referral floor in the config's settings
+    _reconfigure(served, {**always_vit, "refer_below": 1.0})  # nothing is that sure: every answer is referred
+    body = post(served, data=png(seed=7)).json()
+    assert body["refer"] is True and "below the referral floor 1.000" in body["refer_reason"]
+    _reconfigure(served, {**always_vit, "temperatures": {"cnn": {"covid": 4.0}}})
+    calibrated = post(served, data=png(seed=7), mode="cnn").json()
+    _reconfigure(served, always_vit)
+    raw = post(served, data=png(seed=7), mode="cnn").json()
+    softer = [max(answer["covid"]["probabilities"].values()) for answer in (calibrated, raw)]
+    assert softer[0] < softer[1]  # T = 4 flattens the covid head's answer; the other heads keep theirs
+    assert calibrated["nih14"]["probabilities"] == raw["nih14"]["probabilities"]
     assert replica_actors() == before  # same replicas (names carry replica ids), same actors
 
 
