@@ -144,8 +144,8 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
     settings = cfg.tune.ensemble
     raw_val, spaces = _both(cfg, cnn_dir, vit_dir, "val")
     # the gate reads calibrated confidences: temperatures first (on validation), then the search on their output
-    temperatures, calibration = fit_calibration(raw_val, spaces)
-    val = {role: calibrate(pred, spaces, temperatures[role]) for role, pred in raw_val.items()}
+    temperatures, calibration = fit_calibration(raw_val, spaces) if settings.calibrate else ({}, {})
+    val = {role: calibrate(pred, spaces, temperatures.get(role, {})) for role, pred in raw_val.items()}
     ensure_ray(cfg)
     start = {"w_cnn": cfg.ensemble.w_cnn, "threshold": min(max(cfg.ensemble.threshold, 0.5), 1.0)}
     frame = search(val["cnn"], val["vit"], spaces, settings, out.parent / "tune", seed=seed, start=start)
@@ -154,7 +154,7 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
     if not best["feasible"]:
         log.warning("no point met vit_fraction <= %.2f; writing the least infeasible", settings.max_vit_fraction)
     raw_test, _ = _both(cfg, cnn_dir, vit_dir, "test")
-    test = {role: calibrate(pred, spaces, temperatures[role]) for role, pred in raw_test.items()}
+    test = {role: calibrate(pred, spaces, temperatures.get(role, {})) for role, pred in raw_test.items()}
     refer_below = referral_floor(val, spaces, w_cnn, threshold, settings.refer_coverage)
     figures = {
         split: reference_points(preds["cnn"], preds["vit"], w_cnn, threshold, spaces, settings)

@@ -115,6 +115,7 @@ class EnsembleTuneConfig(Strict):
     # the share of validation images the gated ensemble answers; below the confidence that leaves this share, an
     # answer says "refer" (1.0: never)
     refer_coverage: float = Field(0.95, gt=0.0, le=1.0)
+    calibrate: bool = True  # temperature scaling per model and head before the search; false: raw probabilities
 
     @field_validator("head_weights")
     @classmethod
