@@ -195,18 +195,20 @@ def evaluate(
 
 
 def temperature_table(raw: dict, calibrated: dict, spaces: Sequence[LabelSpace], temperatures: dict) -> dict:
-    """Per role and head: its temperature and the test split's ECE before and after it."""
-    return {
-        role: {
-            space.head: {
+    """Per role and head: its temperature and the test split's ECE (and reliability bins) before and after it."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for role in raw:
+        for index, space in enumerate(spaces):
+            before = head_calibration(space, raw[role], index)
+            after = head_calibration(space, calibrated[role], index)
+            table.setdefault(role, {})[space.head] = {
                 "temperature": float(temperatures[role].get(space.head, 1.0)),
-                "ece_before": head_calibration(space, raw[role], index)["ece"],
-                "ece_after": head_calibration(space, calibrated[role], index)["ece"],
+                "ece_before": before["ece"],
+                "ece_after": after["ece"],
+                "bins_before": before["bins"],
+                "bins_after": after["bins"],
             }
-            for index, space in enumerate(spaces)
-        }
-        for role in raw
-    }
+    return table
 
 
 def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:

@@ -235,8 +235,26 @@ def head_section(
     return lines
 
 
-def calibration_section(scaling: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    """Temperature scaling per role and head: T and the test split's ECE before and after it."""
+def plot_calibration(out: Path, scaling: dict[str, dict[str, dict[str, Any]]], head: str) -> str | None:
+    """One head's reliability diagram per model before (dashed) and after (solid) its temperature."""
+    if not any(heads[head]["bins_before"] for heads in scaling.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for role, heads in scaling.items():
+        c = heads[head]
+        for when, style in (("before", "--"), ("after", "-")):
+            bins = c[f"bins_{when}"]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, marker="o", ms=3,
+                    label=f"{role} {when} (ECE {_fmt(c[f'ece_{when}'])})")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k:", lw=0.5)
+    ax.set(xlabel="predicted", ylabel="observed", title=f"{head}: temperature scaling", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
+    return _save(fig, out, f"calibration_{head}.png")
+
+
+def calibration_section(out: Path, scaling: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Temperature scaling per role and head: T and the test split's ECE before and after it, and a reliability
+    diagram per head with both."""
     if not scaling:
         return []
     fitted = any(c["temperature"] != 1.0 for heads in scaling.values() for c in heads.values())
@@ -250,7 +268,9 @@ def calibration_section(scaling: dict[str, dict[str, dict[str, float]]]) -> list
     lines.append(fitted_text if fitted else missing_text)
     rows = [[role, head, f"{c['temperature']:.3f}", _fmt(c["ece_before"]), _fmt(c["ece_after"])]
             for role, heads in scaling.items() for head, c in heads.items()]  # fmt: skip
-    return lines + ["", *_table(["model", "head", "temperature", "ECE before", "ECE after"], rows)]
+    lines += ["", *_table(["model", "head", "temperature", "ECE before", "ECE after"], rows)]
+    drawn = [plot_calibration(out, scaling, head) for head in next(iter(scaling.values()))] if fitted else []
+    return lines + (["", *(f"![{p}]({p})" for p in drawn if p)] if any(drawn) else [])
 
 
 def referral_section(referral: dict[str, Any]) -> list[str]:
@@ -327,7 +347,7 @@ def write_report(
     ]
     for index, space in enumerate(spaces):
         lines += head_section(out, summary, systems, space, index)
-    lines += calibration_section(summary.get("temperature_scaling") or {})
+    lines += calibration_section(out, summary.get("temperature_scaling") or {})
     lines += referral_section(summary.get("referral") or {})
     for system, found in (summary.get("subgroups") or {}).items():
         lines += subgroup_section(found, system)

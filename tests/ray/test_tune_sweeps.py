@@ -169,3 +169,4 @@ def test_stage_b_calibrates_first_and_evaluation_applies_the_temperatures(tiny_s
     report = (tmp_path / "evaluation" / "report.md").read_text()
     assert "## Calibration (temperature scaling)" in report and "## Referral: coverage against quality" in report
     assert summary["referral"]["refer_below"] == pytest.approx(settings.refer_below)
+    assert (tmp_path / "evaluation" / "calibration_covid.png").is_file()  # before and after, per model
