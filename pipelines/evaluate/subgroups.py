@@ -98,6 +98,7 @@ def _gaps(space: LabelSpace, groups: dict[str, dict]) -> dict[str, dict]:
         values = {g: v["per_finding"][finding] for g, v in groups.items() if not math.isnan(v["per_finding"][finding])}
         if len(values) < 2:
             continue
-        best, worst = max(values, key=values.get), min(values, key=values.get)
+        worst = min(values, key=values.get)
+        best = max((group for group in values if group != worst), key=values.get)  # ties: two distinct groups
         gaps[finding] = {"best": best, "worst": worst, "gap": values[best] - values[worst]}
     return gaps
