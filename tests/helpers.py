@@ -40,17 +40,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-LOOPBACK_IPS = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
-
-
-def listening_in_tree(pid: int) -> list:
-    """The local addresses (``laddr``) that process ``pid`` and all its descendants listen on. Descendants, not the
-    process group: Ray starts some workers in groups of their own."""
+def listening_beyond_loopback(pid: int) -> tuple[int, list[str]]:
+    """(sockets ``pid`` and its descendants listen on, those off loopback as ip:port); Ray regroups some workers."""
     import psutil
 
-    root = psutil.Process(pid)
-    pids = {pid} | {child.pid for child in root.children(recursive=True)}
-    return [c.laddr for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    pids = {pid} | {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    found = [c.laddr for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    return len(found), [f"{a.ip}:{a.port}" for a in found if a.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
 
 
 def png(size: int = 200, seed: int = 0) -> bytes:

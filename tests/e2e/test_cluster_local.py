@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from cluster import local
 from cluster.submit import EXCLUDES
 from pipelines.config import load_config
-from tests.helpers import LOOPBACK_IPS, ROOT, free_port, listening_in_tree
+from tests.helpers import ROOT, free_port, listening_beyond_loopback
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 JOB_TIMEOUT_S = 420
@@ -128,9 +128,8 @@ def test_a_job_without_the_token_is_refused(cluster, jobs, monkeypatch):
 def test_nothing_listens_beyond_loopback(cluster, jobs):
     _, state = cluster
     assert [node["name"] for node in state["nodes"]] == ["head", "worker-1"]
-    listening = listening_in_tree(state["pid"])
-    assert len(listening) >= 6  # GCS, dashboard, two raylets, agents: the check saw the cluster's sockets
-    outside = [f"{a.ip}:{a.port}" for a in listening if a.ip not in LOOPBACK_IPS]
+    count, outside = listening_beyond_loopback(state["pid"])
+    assert count >= 6  # GCS, dashboard, two raylets, agents: the check saw the cluster's sockets
     assert not outside, f"listening beyond loopback: {outside}"
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import LOOPBACK_IPS, ROOT, free_port, listening_in_tree, png
+from tests.helpers import ROOT, free_port, listening_beyond_loopback, png
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 START_TIMEOUT_S = 240
@@ -60,11 +60,8 @@ def test_cxr_serve_listens_on_loopback_only(tiny_checkpoints, tmp_path):
         answer = requests.post(f"{url}/v1/predict?mode=ensemble", data=png(64), timeout=60)
         assert answer.status_code == 200, answer.text  # both replicas have served: their gRPC servers are up
 
-        listening = listening_in_tree(process.pid)
-        ports = {address.port for address in listening}
-        assert port in ports  # the check sees Serve's HTTP proxy ...
-        assert len(listening) >= 10  # ... and GCS, raylet, dashboard, agents, controller and three replicas
-        outside = [f"{a.ip}:{a.port}" for a in listening if a.ip not in LOOPBACK_IPS]
+        count, outside = listening_beyond_loopback(process.pid)
+        assert count >= 10  # Serve's proxy, GCS, raylet, dashboard, agents, controller and three replicas
         assert not outside, f"cxr serve's Ray listens beyond loopback: {outside}"
     finally:
         _stop(process)
