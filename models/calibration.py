@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from models.labels import LabelSpace
+from models.labels import LabelSpace, label_key
 
 EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] before their logits are taken
 LOG_T_RANGE = (-3.0, 3.0)  # T from 0.05 to 20
@@ -62,8 +62,6 @@ def fit_temperature(space: LabelSpace, probs: np.ndarray, labels: np.ndarray) ->
 def fit_head_temperatures(pred: Mapping[str, np.ndarray], spaces: Sequence[LabelSpace]) -> dict[str, float]:
     """``{head: T}`` for one model's predictions on a split (``source`` indexes ``spaces``; each head fitted on its
     own source's rows, as it is scored)."""
-    from models.labels import label_key
-
     found = {}
     for index, space in enumerate(spaces):
         rows = np.asarray(pred["source"]) == index

@@ -27,13 +27,14 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from models.calibration import calibrate, fit_head_temperatures
-from models.ensemble import adaptive, confidence, refer_floor
+from models.ensemble import confidence, refer_floor
 from models.errors import CxrError
 from models.labels import LabelSpace, by_head
 from pipelines.artifacts import default_path, latest_checkpoint, latest_training, write_settings
 from pipelines.cli import run_module
 from pipelines.config import Config, EnsembleTuneConfig
-from pipelines.evaluate.metrics import head_calibration, main_key
+from pipelines.evaluate.evaluation import gated
+from pipelines.evaluate.metrics import head_calibration, main_key, scored_heads
 from pipelines.runtime import ensure_ray
 from pipelines.train import tracking
 from tune.objective import evaluate_point, reference_points
@@ -132,12 +133,9 @@ def referral_floor(
 ) -> float:
     """The gated ensemble's confidence (each image on its own head) below which ``1 - coverage`` of the validation
     images fall: answers less confident than this are referred."""
-    heads = [space.head for space in spaces]
-    scored = {space.head: val["cnn"]["source"] == index for index, space in enumerate(spaces)}
-    final, _ = adaptive(
-        {h: val["cnn"][h] for h in heads}, {h: val["vit"][h] for h in heads}, by_head(spaces), w_cnn, threshold, scored
-    )
-    return refer_floor(confidence(final, by_head(spaces), scored), coverage)
+    final, _ = gated(val["cnn"], val["vit"], spaces, w_cnn, threshold)
+    heads = {space.head: final[space.head] for space in spaces}
+    return refer_floor(confidence(heads, by_head(spaces), scored_heads(final, spaces)), coverage)
 
 
 def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: int = 0) -> dict[str, Any]:

@@ -98,9 +98,10 @@ def predict_extras(
 def full_metrics(pred: dict[str, np.ndarray], spaces: Sequence[LabelSpace]) -> dict[str, Any]:
     """One system's figures: the headline (``metrics.headline``), every head's full metrics on its own source's rows
     (``heads``, empty for a head without test rows) and its calibration (``calibration``)."""
+    heads = {space.head: head_metrics(space, pred, index) for index, space in enumerate(spaces)}
     return {
-        "headline": headline(pred, spaces),
-        "heads": {space.head: head_metrics(space, pred, index) for index, space in enumerate(spaces)},
+        "headline": headline(pred, spaces, heads),
+        "heads": heads,
         "calibration": {space.head: head_calibration(space, pred, index) for index, space in enumerate(spaces)},
     }
 

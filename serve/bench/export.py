@@ -34,13 +34,20 @@ from pipelines.config import Config
 from pipelines.data.shards import first_batches
 from pipelines.export import eval_transform
 from serve.bench.result_cache import cache_throughput
-from serve.bench.serving import TINY, closed_loop, deploy, files_in, full_size_checkpoints, http_sender
+from serve.bench.serving import (
+    REAL_NIH,
+    TINY,
+    closed_loop,
+    deploy,
+    files_in,
+    full_size_checkpoints,
+    http_sender,
+)
 from serve.bench.serving import write_results as write_section
 
 TITLE = "## ONNX Runtime and int8 vs PyTorch (`cxr bench export`)"
 BACKENDS = ("torch fp32", "ort fp32", "ort int8 dynamic", "ort int8 static")
 BATCHES = (1, 16)
-DEFAULT_IMAGES_DIR = Path("../shared/real_samples/nih/images")
 
 
 # ------------------------------------------------------------------------------------------ the models
@@ -292,7 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per cell, best kept (%(default)s)")
     parser.add_argument("--serve-seconds", type=float, default=10.0, help="time per Serve cell (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=8, help="closed-loop HTTP clients of the Serve cells")
-    parser.add_argument("--images-dir", type=Path, default=DEFAULT_IMAGES_DIR, help="real PNGs for the Serve cells")
+    parser.add_argument("--images-dir", type=Path, default=REAL_NIH, help="real PNGs for the Serve cells")
     parser.add_argument("--cnn", type=Path, help="demo CNN checkpoint (default: latest-cnn.json of the config)")
     parser.add_argument("--vit", type=Path, help="demo ViT checkpoint (default: latest-vit.json of the config)")
     parser.add_argument("--no-serve", action="store_true", help="skip the Serve cells")
