@@ -8,7 +8,8 @@
   and serving; without it the config's ``ensemble:`` section holds.
 - the MLflow tracking URI: ``mlflow.tracking_uri``, else a SQLite store under ``train.run_dir``.
 
-This module reads JSON and YAML only (no Ray, torch or MLflow), so the Serve app builder can use it cheaply.
+This module reads JSON, YAML and the check's NumPy file only (no Ray, torch or MLflow), so the Serve app builder can
+use it cheaply.
 
 `ensemble.yaml` (written by tune stage B)::
 
@@ -17,6 +18,9 @@ This module reads JSON and YAML only (no Ray, torch or MLflow), so the Serve app
     tuned_for:                  # the models the values were tuned on
       cnn: {checkpoint: /abs/path, registered_model: cxr-cnn/3}
       vit: {checkpoint: /abs/path, registered_model: cxr-vit/2}
+    temperatures: {cnn: {nih14: 0.94, ...}, vit: {...}}   # per model and head (models/calibration.py)
+    refer_below: 0.51           # answers less confident than this say "refer"
+    ood: {detector: ood.npz, threshold: 4.2, ...}       # the out-of-distribution check, its file beside this one
     objective: {...}            # the tune.ensemble settings used
     validation: {...}           # the chosen point's validation figures
 """
@@ -31,6 +35,7 @@ from typing import Any
 import yaml
 
 from models.errors import CxrError
+from models.ood import OodDetector
 from pipelines.config import Config
 
 ENSEMBLE_FILE = "ensemble.yaml"
@@ -53,6 +58,8 @@ class EnsembleSettings:
     # per role and head, the temperature stage B fitted on the validation split (models/calibration.py); none: 1.0
     temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
     refer_below: float = 0.0  # an answer less confident than this says "refer" (stage B's floor; 0: never)
+    # stage B's out-of-distribution check (tune/ood_fit.py): its record, ``detector`` an absolute path; none: no check
+    ood: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,7 +69,18 @@ class EnsembleSettings:
             "tuned_for": self.tuned_for,
             "temperatures": self.temperatures,
             "refer_below": self.refer_below,
+            "ood": self.ood,
         }
+
+    def ood_detector(self) -> OodDetector | None:
+        """The out-of-distribution check stage B fitted with these settings, or None when it has none."""
+        if not self.ood:
+            return None
+        path = Path(self.ood["detector"])
+        try:
+            return OodDetector.load(path)
+        except (OSError, KeyError, ValueError) as err:
+            raise EnsembleSettingsError(f"{self.source}: ood.detector {path} cannot be read: {err}") from err
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -175,7 +193,12 @@ def read_settings(path: str | Path) -> EnsembleSettings:
                 raise EnsembleSettingsError(f"{path}: {what} must be a positive number, got {value!r}")
             temperatures.setdefault(role, {})[head] = float(value)
     tuned_for = data.get("tuned_for") or {}
-    return EnsembleSettings(source=str(path), tuned_for=tuned_for, temperatures=temperatures, **values)
+    ood = dict(data.get("ood") or {})  # older files have none: no check
+    if ood:
+        if not isinstance(ood.get("detector"), str):
+            raise EnsembleSettingsError(f"{path}: ood.detector must name the check's file, got {ood.get('detector')!r}")
+        ood["detector"] = str((path.parent / ood["detector"]).resolve())
+    return EnsembleSettings(source=str(path), tuned_for=tuned_for, temperatures=temperatures, ood=ood, **values)
 
 
 def load_settings(cfg: Config, path: str | Path | None = None) -> EnsembleSettings:

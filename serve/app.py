@@ -5,7 +5,8 @@ its autoscaling, queue limits, batching and resources from ``serve.<role>``, the
 gate's weights and threshold come from ``ensemble.yaml`` (tune stage B) or the config's ``ensemble:`` section and
 travel as the router's ``user_config``, so ``serve deploy`` with new values changes them live.
 
-Nothing here loads weights or talks to MLflow: building only reads ``latest-<role>.json`` / ``ensemble.yaml``.
+Nothing here loads weights or talks to MLflow: building only reads ``latest-<role>.json`` / ``ensemble.yaml``
+and the out-of-distribution check's file.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def gate_user_config(cfg: Config, ensemble_path: str | Path | None = None) -> di
     }
 
 
+def ood_detector(cfg: Config, ensemble_path: str | Path | None = None) -> dict[str, Any] | None:
+    """Stage B's out-of-distribution check as the router takes it, or None when ensemble.yaml has none."""
+    detector = load_settings(cfg, ensemble_path).ood_detector()
+    return None if detector is None else detector.to_dict()
+
+
 def build_app(
     cfg: Config,
     cnn_checkpoint: str | Path | None = None,
@@ -118,6 +125,8 @@ def build_app(
         "api_key_env": cfg.serve.api_key_env,
         "grpc": cfg.serve.grpc,
         "gate": gate_user_config(cfg, ensemble_path),
+        "ood": ood_detector(cfg, ensemble_path),  # arrays of stage B's check, bound at deploy (not live-reconfigured)
+        "ood_enabled": cfg.ood.enabled,
         "cache": cfg.serve.cache.model_dump(mode="json"),  # the result cache (serve/cache.py)
     }
     return EnsembleRouter.options(

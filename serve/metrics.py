@@ -6,7 +6,10 @@ endpoint, mode, status, rejection reason and cache store: nothing derived from a
 
 from __future__ import annotations
 
-from ray.serve.metrics import Counter
+from ray.serve.metrics import Counter, Histogram
+
+# out-of-distribution scores: about 3 at the training images' 99th percentiles; non-radiographs score far higher
+OOD_SCORE_BOUNDARIES = [1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 25.0, 50.0, 100.0, 1000.0]
 
 
 class ServeMetrics:
@@ -41,11 +44,20 @@ class ServeMetrics:
             tag_keys=("store", "operation"),
         )
 
+        self.ood_scores = Histogram(
+            "cxr_ood_score",
+            description="Out-of-distribution score of every scored image (refused past the check's threshold).",
+            boundaries=OOD_SCORE_BOUNDARIES,
+        )
+
     def answered(self, endpoint: str, mode: str, status: int) -> None:
         self.requests.inc(tags={"endpoint": endpoint, "mode": mode, "status": str(status)})
 
     def rejected(self, reason: str) -> None:
         self.rejected_inputs.inc(tags={"reason": reason})
+
+    def ood_scored(self, score: float) -> None:
+        self.ood_scores.observe(score)
 
     def escalated(self) -> None:
         self.vit_escalations.inc()

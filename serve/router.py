@@ -1,7 +1,7 @@
 """``EnsembleRouter``: the HTTP ingress (a Starlette app inside a Serve deployment) in front of the two models.
 
 Routes (JSON unless said):
-    POST /v1/predict[?mode=adaptive|cnn|vit|ensemble][&head=HEAD]   one image: multipart file or raw body
+    POST /v1/predict[?mode=adaptive|cnn|vit|ensemble][&head=HEAD][&ood=on|off]   one image: multipart or raw body
     POST /v1/predict/batch[?mode=...][&head=HEAD]       several file parts: one result or error per image, in order
     POST /v1/explain[?head=HEAD][&target=NAME][&model=cnn|vit|ensemble][&format=png][&method=grad-cam|attention]
                                                         Grad-CAM (or attention, for models that have it) of one
@@ -13,6 +13,10 @@ Routes (JSON unless said):
 ``HEAD`` is any head of the served checkpoints (their label spaces; ``GET /v1/model`` lists them): a prediction
 answers every head, and ``?head=`` names the one the gate scores (default: all of them); an unknown head is 400
 ``bad_head`` naming the known ones. The answer's shape is ``serve.schema.prediction_body``.
+
+Every decoded image is scored by stage B's out-of-distribution check (``serve/ood_gate.py``) before any model is
+asked: past its threshold the image gets 422 ``not_a_chest_radiograph`` with its score (predict, batch and explain),
+unless ``?ood=off``; the score is in every answer.
 
 Predictions take optional patient metadata for models with the fusion head (``serve/metadata.py``): multipart form
 fields or query parameters ``age``, ``sex`` (M|F), ``view_position`` (PA|AP), for every image of the request, else a
@@ -45,6 +49,7 @@ from serve.explanations import ExplainQuery, map_json, overlay_png
 from serve.inputs import InputLimits, InputRejected, decode_upload
 from serve.metadata import PatientMetadata, decode_with_metadata, request_fields
 from serve.metrics import ServeMetrics
+from serve.ood_gate import OodGate
 from serve.pipeline import ROLES, EnsemblePipeline, ModelUnavailable
 from serve.schema import API_VERSION, MODES, GateSettings, error_body, prediction_body
 from serve.uploads import Upload, read_request, read_uploads
@@ -74,6 +79,7 @@ class EnsembleRouter:
         self.settings = GateSettings.from_user_config(options["gate"])  # until the first reconfigure
         self.metrics = ServeMetrics()
         self.cache = ResultCache.from_options(options.get("cache"), self.metrics)  # serve.cache
+        self.ood = OodGate(options.get("ood"), options.get("ood_enabled", True))  # stage B's check, if any
 
     @staticmethod
     def _api_key(env_name: str | None) -> str | None:
@@ -144,9 +150,10 @@ class EnsembleRouter:
         try:
             mode = self._mode(request)
             heads = await self._gate_heads(request, mode)
+            check_ood = self.ood.requested(request.query_params)
             uploads, form = await read_request(request, self.limits.max_bytes, 1)
             explicit = request_fields(form, request.query_params)
-            status, body = await self._answer_one(uploads[0], mode, heads, started, explicit)
+            status, body = await self._answer_one(uploads[0], mode, heads, started, explicit, check_ood)
         except InputRejected as err:
             self.metrics.rejected(err.reason)
             status, body = err.status, err.as_json()
@@ -164,6 +171,7 @@ class EnsembleRouter:
         try:
             mode = self._mode(request)
             heads = await self._gate_heads(request, mode)
+            check_ood = self.ood.requested(request.query_params)
             if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                 raise InputRejected(400, "expected_multipart", "send the images as file parts of multipart/form-data")
             uploads, form = await read_request(request, self.limits.max_bytes, self.max_batch_images)
@@ -176,7 +184,7 @@ class EnsembleRouter:
             self.metrics.answered("batch", mode, 503)
             return _error(503, err.reason, err.detail)
         answers = await asyncio.gather(
-            *(self._answer_one(upload, mode, heads, started, explicit) for upload in uploads)
+            *(self._answer_one(upload, mode, heads, started, explicit, check_ood) for upload in uploads)
         )
         results = []
         for index, (upload, (status, body)) in enumerate(zip(uploads, answers, strict=True)):
@@ -185,20 +193,36 @@ class EnsembleRouter:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         return JSONResponse({"api_version": API_VERSION, "mode": mode, "results": results, "latency_ms": elapsed_ms})
 
+    def _decode_and_score(self, data: bytes, explicit: dict[str, Any]) -> tuple:
+        """In one worker thread: the decoded image, its format and metadata, and its out-of-distribution score."""
+        gray, image_format, metadata = decode_with_metadata(data, self.limits, explicit)
+        return gray, image_format, metadata, self.ood.score(gray)
+
     async def _answer_one(
-        self, upload: Upload, mode: str, heads: tuple[str, ...], started: float, explicit: dict[str, Any]
+        self,
+        upload: Upload,
+        mode: str,
+        heads: tuple[str, ...],
+        started: float,
+        explicit: dict[str, Any],
+        check_ood: bool = True,
     ) -> tuple[int, dict[str, Any]]:
         """(status, body) for one image; never raises on input, so a batch answers every image. ``explicit``: the
-        request's validated metadata fields (``serve.metadata.request_fields``); a DICOM header fills the rest."""
+        request's validated metadata fields (``serve.metadata.request_fields``); a DICOM header fills the rest.
+        ``check_ood``: the request's ``?ood=`` (off: a non-radiograph is answered, not refused)."""
         settings = self.settings  # one consistent snapshot even if reconfigure lands mid-request
         try:
             if upload.rejected is not None:
                 raise upload.rejected
             decode_started = time.perf_counter()
-            gray, image_format, metadata = await asyncio.to_thread(
-                decode_with_metadata, upload.data, self.limits, explicit
-            )
+            gray, image_format, metadata, score = await asyncio.to_thread(self._decode_and_score, upload.data, explicit)
             decode_ms = (time.perf_counter() - decode_started) * 1e3
+            ood = self.ood.verdict(score, check_ood)
+            if ood is not None:
+                self.metrics.ood_scored(ood["score"])
+                if ood["refused"]:
+                    self.metrics.rejected(OodGate.REASON)
+                    return 422, self.ood.refusal(ood)
             result, cached = await self._cached_answer(gray, mode, heads, settings, metadata)
         except InputRejected as err:
             self.metrics.rejected(err.reason)
@@ -226,6 +250,7 @@ class EnsembleRouter:
                 "heads": list(heads),
                 "escalated": result["escalated"],
             },
+            "ood": None if ood is None else {key: ood[key] for key in ("score", "threshold", "checked")},
             "refer": refer,
             "refer_reason": (
                 f"the answer's confidence on {', '.join(heads)} ({answer_confidence:.3f}) is below the referral "
@@ -279,10 +304,16 @@ class EnsembleRouter:
         settings = self.settings
         try:
             query = ExplainQuery.from_params(request.query_params)
+            check_ood = self.ood.requested(request.query_params)
             upload = (await read_uploads(request, self.limits.max_bytes, 1))[0]
             if upload.rejected is not None:
                 raise upload.rejected
             gray, image_format = await asyncio.to_thread(decode_upload, upload.data, self.limits)
+            ood = self.ood.verdict(await asyncio.to_thread(self.ood.score, gray), check_ood)
+            if ood is not None and ood["refused"]:  # no map of what the models never learned to read
+                self.metrics.rejected(OodGate.REASON)
+                self.metrics.answered("explain", model, 422)
+                return JSONResponse(self.ood.refusal(ood), status_code=422)
             found = await self.pipeline.explain(
                 gray, query.roles, query.head, query.target, settings.w_cnn, query.method
             )
@@ -345,6 +376,7 @@ class EnsembleRouter:
             "api_version": API_VERSION,
             "models": models,
             "ensemble": self.settings.as_dict(),
+            "ood": self.ood.describe(),
             "cache": self.cache.describe(),
             "modes": list(MODES),
             "limits": {

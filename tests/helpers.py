@@ -50,9 +50,9 @@ def listening_beyond_loopback(pid: int) -> tuple[int, list[str]]:
 
 
 def png(size: int = 200, seed: int = 0) -> bytes:
-    """A random 8-bit grey PNG of ``size`` x ``size``."""
-    pixels = np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)
-    return encode_png(pixels)
+    """A radiograph-like grey PNG (the tiny shards' kind: the served app's OOD check passes it), new per seed."""
+    pixels = _radiograph(np.random.default_rng(seed), 256)  # drawn at the layouts' size, then resized
+    return encode_png(np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR)))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -4,8 +4,9 @@ The CNN's and the ViT's validation predictions are computed once (cached beside 
 their label spaces) and calibrated first: a temperature per model and head is fitted on them
 (``models.calibration``), so the gate is tuned on the confidences evaluation and serving read. Each trial then
 scores one (w_cnn, threshold) point (``tune.objective``: the weighted mean over heads of each head's main figure,
-against the ViT fraction). The chosen point and the temperatures go to ``<train.run_dir>/ensemble.yaml``, which
-evaluation and serving read, with a plot of quality against the fraction of images sent to the ViT; the chosen
+against the ViT fraction). The chosen point, the temperatures and the referral floor go to
+``<train.run_dir>/ensemble.yaml``, which evaluation and serving read, with the out-of-distribution check fitted
+beside them (``tune/ood_fit.py``) and a plot of quality against the fraction of images sent to the ViT; the chosen
 point is then reported on the test split against CNN-only and always-ensemble.
 """
 
@@ -38,6 +39,7 @@ from pipelines.evaluate.metrics import head_calibration, main_key, scored_heads
 from pipelines.runtime import ensure_ray
 from pipelines.train import tracking
 from tune.objective import evaluate_point, reference_points
+from tune.ood_fit import fit_ood_check
 from tune.plots import plot_tradeoff
 from tune.predictions import split_predictions
 
@@ -154,6 +156,7 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
     raw_test, _ = _both(cfg, cnn_dir, vit_dir, "test")
     test = {role: calibrate(pred, spaces, temperatures.get(role, {})) for role, pred in raw_test.items()}
     refer_below = referral_floor(val, spaces, w_cnn, threshold, settings.refer_coverage)
+    ood = fit_ood_check(cfg, out.parent)  # the refusal check, kept beside the gate it was tuned with
     figures = {
         split: reference_points(preds["cnn"], preds["vit"], w_cnn, threshold, spaces, settings)
         for split, preds in (("validation", val), ("test", test))
@@ -168,6 +171,7 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
         calibration=calibration,
         refer_below=round(refer_below, 6),
         refer_coverage=settings.refer_coverage,
+        ood=ood,
         objective=settings.model_dump(mode="json"),
         trials=len(frame),
         validation=_plain(figures["validation"]),
@@ -180,6 +184,7 @@ def tune_ensemble(cfg: Config, cnn_dir: Path, vit_dir: Path, out: Path, seed: in
         "threshold": threshold,
         "calibration": calibration,
         "refer_below": refer_below,
+        "ood": ood,
         "figures": figures,
         "spaces": spaces,
         "path": out,
@@ -256,6 +261,11 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"\n{split} split\n{format_table(result['figures'][split], result['spaces'])}")
     print(f"\nanswers below confidence {result['refer_below']:.3f} say refer "
           f"(refer_below; {settings.refer_coverage:.0%} of validation images answered)")  # fmt: skip
+    ood = result["ood"]
+    print(
+        f"out-of-distribution check: score above {ood['threshold']:.3f} is refused "
+        f"({ood['validation_refused']:.1%} of {ood['validation_images']} validation images; {ood['detector']})"
+    )
     print("\ntemperature scaling on the validation split (ECE before -> after):")
     for role, heads in result["calibration"].items():
         cells = [f"{h} T={c['temperature']:.2f} {c['ece_before']:.3f} -> {c['ece_after']:.3f}"

@@ -101,6 +101,19 @@ class EvaluateConfig(Strict):
     bootstrap_replicates: int = Field(100, ge=0)
 
 
+class OodConfig(Strict):
+    """The out-of-distribution check (``models/ood.py``): fitted by tune stage B, applied by serving and evaluation."""
+
+    # serving refuses an image past the threshold (422 not_a_chest_radiograph; ?ood=off per request skips the
+    # refusal); false: every image is answered, its score still reported
+    enabled: bool = True
+    false_refusal: float = Field(0.01, gt=0.0, lt=0.5)  # share of validation images the threshold refuses
+    side: int = Field(32, ge=4, le=128)  # images are compared at side x side pixels
+    components: int = Field(16, ge=1)  # of the linear autoencoder (PCA)
+    fit_images: int = Field(4096, ge=32)  # training images (a random sample) the check is fitted on
+    negatives_per_kind: int = Field(20, ge=0)  # cxr evaluate: non-radiographs of each kind scored (0: none)
+
+
 # ----------------------------------------------------------------------------------------------- tune
 
 
@@ -297,6 +310,7 @@ class Config(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    ood: OodConfig = OodConfig()
     serve: ServeConfig = ServeConfig()
     export: ExportConfig = ExportConfig()
     cluster: ClusterConfig = ClusterConfig()

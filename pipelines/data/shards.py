@@ -80,3 +80,22 @@ def first_batches(
     if not found:
         raise ShardsNotFoundError(f"{shards_dir}/{split}: no rows in its shards")
     return found
+
+
+def stored_images(files: list[str], limit: int | None = None, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """The stored grayscale images of ``files`` (decoded, at the storage size) and each row's ``source``, in shard
+    order; with ``limit``, a seeded random sample of about that many rows, read file by file (a full split's image
+    bytes need not fit in memory)."""
+    from pipelines.data.imaging import decode_stored
+
+    total = sum(pq.ParquetFile(file).metadata.num_rows for file in files)
+    keep = 1.0 if limit is None or limit >= total else limit / total
+    rng = np.random.default_rng(seed)
+    images, sources = [], []
+    for file in files:
+        table = pq.read_table(file, columns=["image", "source"])
+        rows = np.flatnonzero(rng.random(table.num_rows) < keep)
+        column, source = table.column("image"), table.column("source").to_numpy()
+        images += [decode_stored(column[int(row)].as_py()) for row in rows]
+        sources.append(source[rows])
+    return images, np.concatenate(sources) if sources else np.zeros(0, np.int64)

@@ -1,7 +1,8 @@
 """One Serve app for the modules of this folder (package scope), on the session's local Ray: real HTTP on
 127.0.0.1, the session's tiny untrained checkpoints (the CNN with the metadata fusion head, as the demo profile
 trains it), deployed the way `serve deploy` does it: ``serve/serve_config.yaml`` with its ``args`` pointed at them,
-applied through the Serve controller.
+applied through the Serve controller, with an out-of-distribution check fitted on the tiny shards
+(``write_ood_check``).
 
 The modules run in file-name order against the same app: disconnect, endpoints, endpoints_metadata, errors, explain,
 then faults (the live reconfigure, the overload burst and the replica kill), which must come last.
@@ -42,6 +43,16 @@ def served_checkpoints(tmp_path_factory, tiny_checkpoints):
     return {**tiny_checkpoints, "cnn": cnn}
 
 
+def write_ood_check(cfg, run_dir):
+    """Stage B's out-of-distribution check, fitted on the tiny shards, in the run's ensemble.yaml (the gate as the
+    sets give it), so the app refuses what does not look like them, as a tuned deployment does."""
+    from pipelines.artifacts import write_settings
+    from tune.ood_fit import fit_ood_check
+
+    record = fit_ood_check(cfg, run_dir)
+    write_settings(run_dir / "ensemble.yaml", 0.4, 0.85, ood=record)
+
+
 @pytest.fixture(scope="package")
 def served(ray_session, tmp_path_factory, shards_config, served_checkpoints):
     from ray import serve
@@ -63,6 +74,7 @@ def served(ray_session, tmp_path_factory, shards_config, served_checkpoints):
         "ensemble.w_cnn=0.4",
     ]
     args = {"config": str(CONFIG), "sets": sets, **{k: str(v) for k, v in served_checkpoints.items()}}
+    write_ood_check(shards_config, folder / "run")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     client = _get_global_client()
     client.deploy_apps(deploy_schema(args, port), _blocking=True)

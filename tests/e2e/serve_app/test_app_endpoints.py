@@ -12,6 +12,7 @@ from PIL import Image
 
 from models.checkpoint import PreprocessSpec, model_from_checkpoint
 from pipelines.data.datasets.nih import NIH14
+from pipelines.data.imaging import decode_gray
 from serve.preprocess import Preprocessor
 from serve.replicas import probabilities
 from tests.helpers import API_KEY, HEADERS, SPACES, make_dicom, png, post
@@ -117,7 +118,8 @@ def test_an_unknown_head_is_refused_naming_the_models_heads(served):
 
 
 def test_dicom_upload(served):
-    pixels = np.add.outer(np.arange(128), np.arange(128)).astype(np.uint16) * 16
+    # a radiograph stored inverted, as MONOCHROME1 says: the router turns it back (else the OOD check refuses it)
+    pixels = (255 - decode_gray(png(128, seed=40))[0]).astype(np.uint16) * 16
     body = post(served, data=make_dicom(pixels, modality="CR", photometric="MONOCHROME1"), mode="cnn").json()
     assert body["input"] == {"format": "dicom", "width": 128, "height": 128}
 
