@@ -6,7 +6,8 @@ head, a row of the same model on the same rows with the metadata hidden (``cnn w
 Every head of the checkpoint's label spaces is scored on the images of its own source (``metrics.head_metrics``,
 ``metrics.head_calibration``); the adaptive gate decides each image on its own source's head, as tuning does.
 The CNN, ViT and both ensembles' figures get 95% intervals from a patient-level bootstrap (``uncertainty.py``);
-the adaptive ensemble's multi-label heads are scored per sex, age band and view position (``subgroups.py``).
+the adaptive ensemble's multi-label heads are scored per sex, age band and view position (``subgroups.py``); stage
+B's out-of-distribution check is run on the test split and on non-radiographs (``ood_rates.py``).
 Writes ``report.md`` (a section per head), ``metrics.json`` and PNG plots (ROC curves, reliability diagrams,
 confusion matrices per head, a grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from
 ``inference.py``: in this process for small splits, as Ray Data batch inference for large ones, row for row the same.
@@ -38,6 +39,7 @@ from pipelines.data.transforms import TransformSpec
 from pipelines.evaluate.gradcam_grid import pick_examples, plot_explanation_grid
 from pipelines.evaluate.inference import predict_checkpoint, predict_local
 from pipelines.evaluate.metrics import head_calibration, head_metrics, headline, scored_heads
+from pipelines.evaluate.ood_rates import ood_rates
 from pipelines.evaluate.referral import risk_coverage
 from pipelines.evaluate.report import head_figures, write_report
 from pipelines.evaluate.subgroups import subgroup_fields, subgroup_metrics
@@ -127,10 +129,12 @@ def evaluate(
     ensemble: Path | None = None,
     explain_per_class: int = 3,
     extras: list[Path] | None = None,
+    ood_folders: list[Path] | None = None,
 ) -> dict[str, Any]:
     """``ensemble``: an ensemble.yaml; by default the one `cxr tune ensemble` wrote, else the config's values.
     ``explain_per_class``: test images per class of every head in the Grad-CAM grid (0: no grid).
-    ``extras``: more checkpoints (linear probes), one row each after the ViT's."""
+    ``extras``: more checkpoints (linear probes), one row each after the ViT's.
+    ``ood_folders``: folders of images the out-of-distribution check is also run on (e.g. real radiographs)."""
     files = shard_files(cfg.data.shards_dir, "test")
     payloads = {role: load_checkpoint(path) for role, path in (("cnn", cnn_dir), ("vit", vit_dir))}
     spaces = label_spaces_of(payloads["cnn"])
@@ -164,6 +168,8 @@ def evaluate(
                 systems[name], spaces, groups, cfg.evaluate.bootstrap_replicates, seed=cfg.data.split_seed
             )
     fields = subgroup_fields(files)
+    detector = settings.ood_detector()  # stage B's refusal check, if ensemble.yaml has one
+    ood_seed, per_kind = cfg.data.split_seed, cfg.ood.negatives_per_kind
     summary = {
         "checkpoints": {"cnn": str(cnn_dir), "vit": str(vit_dir)},
         "extras": extra_about,
@@ -181,6 +187,7 @@ def evaluate(
             "refer_below": settings.refer_below,
             "heads": risk_coverage(adaptive_pred, spaces, settings.refer_below),
         },
+        "ood": ood_rates(detector, files, per_kind, ood_seed, ood_folders or []) if detector else None,
     }
     out.mkdir(parents=True, exist_ok=True)
     grid = None
@@ -220,6 +227,9 @@ def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:
             figures = {**m["headline"], **{f"{head}_ece": cal["ece"] for head, cal in m["calibration"].items()}}
             mlflow.log_metrics({f"test_{key}_{k}": v for k, v in figures.items() if v == v})
         mlflow.log_metric("test_adaptive_vit_fraction", summary["systems"]["adaptive"]["vit_fraction"])
+        if summary.get("ood"):
+            mlflow.log_metric("test_ood_refused", summary["ood"]["test"]["refused"])
+            mlflow.log_metrics({f"ood_refused_{kind}": r["refused"] for kind, r in summary["ood"]["negatives"].items()})
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
     finally:
         tracking.end_run()
@@ -247,6 +257,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tta", type=int, default=0, help="extra augmented passes averaged in (test-time augmentation)"
     )
     parser.add_argument(
+        "--ood-images",
+        type=Path,
+        action="append",
+        help="a folder of PNG/JPEG images the out-of-distribution check is also run on, reported beside the test "
+        "split and the negatives (e.g. real radiographs); repeatable",
+    )
+    parser.add_argument(
         "--explain-per-class",
         type=int,
         default=3,
@@ -259,7 +276,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     vit = args.vit or latest_checkpoint(cfg, "vit")
     out = args.out or Path(cfg.train.run_dir) / "evaluation"
     extras = args.probe if args.probe is not None else latest_probes(cfg)
-    summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class, extras)
+    summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class, extras, args.ood_images)
     print(format_console(summary))
     ens = summary["ensemble"]
     print(

@@ -22,7 +22,9 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from models.labels import LabelSpace, label_key  # noqa: E402
+from pipelines.evaluate.markdown import table  # noqa: E402
 from pipelines.evaluate.metrics import binary_name, main_key  # noqa: E402
+from pipelines.evaluate.ood_rates import ood_section  # noqa: E402
 from pipelines.evaluate.subgroups import FLAG_BELOW, MIN_GROUP_IMAGES, MIN_POSITIVES  # noqa: E402
 
 
@@ -64,11 +66,6 @@ def _with_interval(value: float, metrics: dict[str, Any], key: str) -> str:
     if value != value or low != low:
         return _fmt(value)
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _panels(count: int, width: float, height: float):
@@ -186,7 +183,7 @@ def summary_table(metrics: dict[str, Any], spaces: Sequence[LabelSpace]) -> list
     header = ["system", "score"] + [f"{s.head} macro {'AUROC' if s.multi_label else 'F1'}" for s in spaces]
     rows = [[name] + [_with_interval(m["headline"][key], m, key) for key in ["score", *map(main_key, spaces)]]
             for name, m in metrics.items()]  # fmt: skip
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def per_class_table(metrics: dict[str, Any], space: LabelSpace) -> list[str]:
@@ -205,7 +202,7 @@ def per_class_table(metrics: dict[str, Any], space: LabelSpace) -> list[str]:
                 cells.append(f"{c['precision']:.2f} / {c['recall']:.2f} / {c['f1']:.2f} / "
                              f"{_fmt(found['auroc_per_class'][cls])}")  # fmt: skip
         rows.append(cells)
-    return _table(["class", *metrics], rows)
+    return table(["class", *metrics], rows)
 
 
 def head_section(
@@ -224,7 +221,7 @@ def head_section(
     figures = {name: head_figures(space, m) for name, m in metrics.items()}
     keys = figure_keys(space)
     rows = [[n, *(_with_interval(v, metrics[n], keys[c]) for c, v in f.items())] for n, f in figures.items()]
-    lines += ["", *_table(["system", *keys], rows)]
+    lines += ["", *table(["system", *keys], rows)]
     title = "AUROC per class" if space.multi_label else "per class (precision / recall / F1 / AUROC)"
     lines += ["", f"### `{space.head}` {title}", "", *per_class_table(metrics, space)]
     plots = [plot_roc(out, systems, space, index), plot_reliability(out, metrics, space)]
@@ -268,7 +265,7 @@ def calibration_section(out: Path, scaling: dict[str, dict[str, dict[str, Any]]]
     lines.append(fitted_text if fitted else missing_text)
     rows = [[role, head, f"{c['temperature']:.3f}", _fmt(c["ece_before"]), _fmt(c["ece_after"])]
             for role, heads in scaling.items() for head, c in heads.items()]  # fmt: skip
-    lines += ["", *_table(["model", "head", "temperature", "ECE before", "ECE after"], rows)]
+    lines += ["", *table(["model", "head", "temperature", "ECE before", "ECE after"], rows)]
     drawn = [plot_calibration(out, scaling, head) for head in next(iter(scaling.values()))] if fitted else []
     return lines + (["", *(f"![{p}]({p})" for p in drawn if p)] if any(drawn) else [])
 
@@ -291,7 +288,7 @@ def referral_section(referral: dict[str, Any]) -> list[str]:
         at = found["at_floor"]
         cells = [_fmt(found["points"][c]) for c in coverages]
         rows.append([head, found["figure"], *cells, f"{_fmt(at['figure'])} ({at['coverage']:.0%} answered)"])
-    return lines + ["", *_table(header, rows)]
+    return lines + ["", *table(header, rows)]
 
 
 def subgroup_section(found: dict[str, Any], system: str) -> list[str]:
@@ -308,11 +305,11 @@ def subgroup_section(found: dict[str, Any], system: str) -> list[str]:
         rows = [["all", "", _fmt(block["overall"]["macro"]), ""]]
         rows += [[name, str(g["images"]), _fmt(g["macro"]), ", ".join(g["flagged"]) or "-"]
                  for name, g in block["groups"].items()]  # fmt: skip
-        lines += ["", f"### `{head}` by group", "", *_table(["group", "images", "macro AUROC", "flagged"], rows)]
+        lines += ["", f"### `{head}` by group", "", *table(["group", "images", "macro AUROC", "flagged"], rows)]
         gaps = sorted(block["findings"].items(), key=lambda item: -item[1]["gap"])
         if gaps:
             rows = [[finding, g["worst"], g["best"], f"{g['gap']:.3f}"] for finding, g in gaps]
-            lines += ["", *_table(["finding", "worst group", "best group", "AUROC gap"], rows)]
+            lines += ["", *table(["finding", "worst group", "best group", "AUROC gap"], rows)]
     return lines
 
 
@@ -349,6 +346,7 @@ def write_report(
         lines += head_section(out, summary, systems, space, index)
     lines += calibration_section(out, summary.get("temperature_scaling") or {})
     lines += referral_section(summary.get("referral") or {})
+    lines += ood_section(summary.get("ood"))
     for system, found in (summary.get("subgroups") or {}).items():
         lines += subgroup_section(found, system)
     if explanation_grid:
