@@ -143,12 +143,13 @@ def _trial_result_file(sweep_dir: Path, trial_id: str) -> Path:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_stage_b_calibrates_first_and_evaluation_applies_the_temperatures(tiny_shards, tiny_checkpoints, tmp_path):
-    """`cxr tune ensemble` fits a temperature per model and head on the validation split and the referral floor,
-    writes them beside the gate, and `cxr evaluate` reports and applies them."""
+    """`cxr tune ensemble` fits a temperature per model and head on the validation split, the referral floor and the
+    out-of-distribution check, writes them beside the gate, and `cxr evaluate` reports and applies them."""
     import shutil
 
     from pipelines.artifacts import read_settings
     from pipelines.evaluate.evaluation import evaluate
+    from pipelines.evaluate.negatives import KINDS
     from tune.ensemble_sweep import tune_ensemble
 
     checkpoints = {role: shutil.copytree(path, tmp_path / role) for role, path in tiny_checkpoints.items()}
@@ -162,6 +163,9 @@ def test_stage_b_calibrates_first_and_evaluation_applies_the_temperatures(tiny_s
     assert all(set(found) == heads and min(found.values()) > 0 for found in settings.temperatures.values())
     assert set(result["calibration"]["cnn"]["covid"]) == {"temperature", "ece_before", "ece_after"}
     assert 0.0 < settings.refer_below < 1.0  # the floor that leaves 95% of validation answers standing
+    detector = settings.ood_detector()  # ood.npz beside ensemble.yaml, its threshold recorded there
+    assert settings.ood["detector"] == str(tmp_path / "run" / "ood.npz") and detector.false_refusal == 0.01
+    assert detector.threshold == pytest.approx(settings.ood["threshold"], rel=1e-5)
 
     summary = evaluate(cfg, checkpoints["cnn"], checkpoints["vit"], tmp_path / "evaluation", explain_per_class=0)
     scaling = summary["temperature_scaling"]
@@ -170,3 +174,7 @@ def test_stage_b_calibrates_first_and_evaluation_applies_the_temperatures(tiny_s
     assert "## Calibration (temperature scaling)" in report and "## Referral: coverage against quality" in report
     assert summary["referral"]["refer_below"] == pytest.approx(settings.refer_below)
     assert (tmp_path / "evaluation" / "calibration_covid.png").is_file()  # before and after, per model
+    ood = summary["ood"]
+    assert ood["threshold"] == pytest.approx(detector.threshold) and ood["test"]["images"] == summary["test_images"]
+    assert set(ood["negatives"]) == set(KINDS) and min(r["refused"] for r in ood["negatives"].values()) == 1.0
+    assert "## Out-of-distribution refusal" in report
