@@ -213,10 +213,12 @@ class EnsemblePipeline:
         target: str | None,
         w_cnn: float,
         method: str = "grad-cam",
+        temperatures: dict[str, dict[str, float]] | None = None,
     ) -> dict[str, Any]:
         """The ``method`` map (Grad-CAM, or attention where every role has it) of ``target`` (default: the most
         probable label of ``head``; ``head`` None: the model's first head) from each role, fused for the ensemble
-        with the gate's weight; also the model input the map belongs to, for the overlay."""
+        with the gate's weight; also the model input the map belongs to, for the overlay. The target's probability
+        is the answer's, as a prediction gives it: each role calibrated at its ``temperatures``, then fused."""
         from serve.explanations import check_method, resolve_head, target_index  # keeps Starlette out of here
 
         cache: dict[PreprocessSpec, np.ndarray] = {}
@@ -225,11 +227,15 @@ class EnsemblePipeline:
         check_method(method, dict(zip(roles, infos, strict=True)))
         if len(roles) == 2:
             self._fusable()
-        space = resolve_head(head, spaces_from_dicts(infos[0]["label_spaces"]))
+        spaces = spaces_from_dicts(infos[0]["label_spaces"])
+        space = resolve_head(head, spaces)
         head = space.head
+        probs = await asyncio.gather(*(self.predict(role, gray, cache, timings) for role in roles))
+        probs = [
+            calibrate(p, spaces, (temperatures or {}).get(role) or {}) for role, p in zip(roles, probs, strict=True)
+        ]
+        fused = fuse(probs[0], probs[1], w_cnn) if len(roles) == 2 else probs[0]
         if target is None:
-            probs = await asyncio.gather(*(self.predict(role, gray, cache, timings) for role in roles))
-            fused = fuse(probs[0], probs[1], w_cnn) if len(roles) == 2 else probs[0]
             target = space.classes[int(np.argmax(fused[head]))]
         index = target_index(space, target)
         started = time.perf_counter()
@@ -238,16 +244,12 @@ class EnsemblePipeline:
             *(self.call(role, "explain", image, head, index, method) for role, image in zip(roles, images, strict=True))
         )
         timings["explain_ms"] = (time.perf_counter() - started) * 1e3
-        if len(roles) == 2:
-            cam = fuse_maps(found[0]["cam"], found[1]["cam"], w_cnn)
-            probability = w_cnn * found[0]["probability"] + (1.0 - w_cnn) * found[1]["probability"]
-        else:
-            cam, probability = found[0]["cam"], found[0]["probability"]
+        cam = fuse_maps(found[0]["cam"], found[1]["cam"], w_cnn) if len(roles) == 2 else found[0]["cam"]
         return {
             "head": head,
             "target": target,
             "cam": cam,
-            "probability": float(probability),
+            "probability": float(np.asarray(fused[head]).ravel()[index]),
             "methods": {role: item["method"] for role, item in zip(roles, found, strict=True)},
             "image": max(images, key=lambda image: image.shape[-1])[0],  # the larger input when sizes differ
             "timings": timings,

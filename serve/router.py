@@ -315,7 +315,7 @@ class EnsembleRouter:
                 self.metrics.answered("explain", model, 422)
                 return JSONResponse(self.ood.refusal(ood), status_code=422)
             found = await self.pipeline.explain(
-                gray, query.roles, query.head, query.target, settings.w_cnn, query.method
+                gray, query.roles, query.head, query.target, settings.w_cnn, query.method, settings.temperatures
             )
             png = await asyncio.to_thread(overlay_png, found["image"], found["cam"])
         except InputRejected as err:

@@ -17,7 +17,8 @@ import numpy as np
 from models.labels import LabelSpace
 from pipelines.evaluate.metrics import head_metrics
 
-COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
+COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)  # the report's table
+CURVE = tuple(round(c, 2) for c in np.linspace(1.0, 0.3, 15))  # the report's plot, every 5%
 
 
 def _figure(space: LabelSpace, pred: dict[str, np.ndarray], index: int) -> float:
@@ -26,8 +27,9 @@ def _figure(space: LabelSpace, pred: dict[str, np.ndarray], index: int) -> float
 
 
 def risk_coverage(pred: dict[str, np.ndarray], spaces: Sequence[LabelSpace], refer_below: float) -> dict[str, Any]:
-    """Per head: ``figure`` (its name), ``points`` (coverage -> figure on the kept rows) and ``at_floor`` (the share
-    of its test rows at or above ``refer_below`` and the figure there)."""
+    """Per head: ``figure`` (its name), ``points`` (coverage -> figure on the kept rows, at ``COVERAGES``), ``curve``
+    (the same at ``CURVE``) and ``at_floor`` (the share of its test rows at or above ``refer_below`` and the figure
+    there)."""
     result = {}
     for index, space in enumerate(spaces):
         own = np.flatnonzero(pred["source"] == index)
@@ -41,11 +43,12 @@ def risk_coverage(pred: dict[str, np.ndarray], spaces: Sequence[LabelSpace], ref
             mask[rows] = True
             return {**pred, "source": np.where(mask, pred["source"], -1)}  # rows outside count for no head
 
-        points = {c: _figure(space, kept(order[: max(1, round(c * len(own)))]), index) for c in COVERAGES}
+        figures = {c: _figure(space, kept(order[: max(1, round(c * len(own)))]), index) for c in {*COVERAGES, *CURVE}}
         above = own[conf >= refer_below]
         result[space.head] = {
             "figure": "macro AUROC" if space.multi_label else "accuracy",
-            "points": points,
+            "points": {c: figures[c] for c in COVERAGES},
+            "curve": {c: figures[c] for c in CURVE},
             "at_floor": {"coverage": len(above) / len(own), "figure": _figure(space, kept(above), index)},
         }
     return result

@@ -270,8 +270,24 @@ def calibration_section(out: Path, scaling: dict[str, dict[str, dict[str, Any]]]
     return lines + (["", *(f"![{p}]({p})" for p in drawn if p)] if any(drawn) else [])
 
 
-def referral_section(referral: dict[str, Any]) -> list[str]:
-    """The adaptive ensemble's figure per head when only its most confident answers stand (``referral.py``)."""
+def plot_risk_coverage(out: Path, heads: dict[str, Any]) -> str:
+    """Each head's figure against the share of answers kept (most confident first), the floor's point marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for head, found in heads.items():
+        curve = sorted(found["curve"].items())
+        line = ax.plot([c for c, _ in curve], [v for _, v in curve], marker=".", label=f"{head} ({found['figure']})")
+        at = found["at_floor"]
+        ax.plot([at["coverage"]], [at["figure"]], "o", mfc="none", ms=9, color=line[0].get_color())
+    ax.set(xlabel="coverage (share answered, most confident first)", ylabel="figure on the answered images")
+    ax.set_title("risk-coverage (adaptive); circles: the referral floor", fontsize=9)
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    return _save(fig, out, "risk_coverage.png")
+
+
+def referral_section(out: Path, referral: dict[str, Any]) -> list[str]:
+    """The adaptive ensemble's figure per head when only its most confident answers stand (``referral.py``): a table
+    and the risk-coverage plot."""
     if not referral.get("heads"):
         return []
     floor = referral["refer_below"]
@@ -288,7 +304,7 @@ def referral_section(referral: dict[str, Any]) -> list[str]:
         at = found["at_floor"]
         cells = [_fmt(found["points"][c]) for c in coverages]
         rows.append([head, found["figure"], *cells, f"{_fmt(at['figure'])} ({at['coverage']:.0%} answered)"])
-    return lines + ["", *table(header, rows)]
+    return lines + ["", *table(header, rows), "", f"![risk-coverage]({plot_risk_coverage(out, referral['heads'])})"]
 
 
 def subgroup_section(found: dict[str, Any], system: str) -> list[str]:
@@ -345,7 +361,7 @@ def write_report(
     for index, space in enumerate(spaces):
         lines += head_section(out, summary, systems, space, index)
     lines += calibration_section(out, summary.get("temperature_scaling") or {})
-    lines += referral_section(summary.get("referral") or {})
+    lines += referral_section(out, summary.get("referral") or {})
     lines += ood_section(summary.get("ood"))
     for system, found in (summary.get("subgroups") or {}).items():
         lines += subgroup_section(found, system)

@@ -45,7 +45,8 @@ def test_fitted_on_generated_radiographs_it_refuses_every_negative_kind(negative
 def test_fitted_on_real_radiographs_held_out_real_ones_pass(real_samples, negative_images):
     """The check a model trained on real images gets: fitted on half of the real samples (NIH, Kermany, Hannover
     COVID), thresholded on a quarter, it lets the last quarter through and still refuses the negatives."""
-    images = [image for folder in ("nih", "kermany", "covid_hannover") for image in folder_images(real_samples / folder)]
+    folders = ("nih", "kermany", "covid_hannover")
+    images = [image for folder in folders for image in folder_images(real_samples / folder)]
     order = np.random.default_rng(0).permutation(len(images))
     half, three_quarters = len(images) // 2, 3 * len(images) // 4
     pick = lambda rows: [images[i] for i in rows]  # noqa: E731

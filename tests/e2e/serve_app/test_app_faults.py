@@ -29,6 +29,14 @@ def _reconfigure(served, gate: dict[str, float]) -> None:
         time.sleep(0.2)
 
 
+def _explain_covid(served, answer) -> float:
+    """/v1/explain's probability of the answer's top covid class for the same image (seed 7), from the CNN."""
+    params = {"head": "covid", "target": answer["covid"]["top_class"], "model": "cnn"}
+    found = requests.post(served["url"] + "/v1/explain", params=params, data=png(seed=7), headers=HEADERS, timeout=60)
+    assert found.status_code == 200, found.text
+    return found.json()["probability"]
+
+
 def test_live_reconfigure_changes_the_gate_without_restarting_replicas(served):
     before = replica_actors()
     assert {name.split("#")[0] for name in before} == {"CNNModel", "ViTModel", "EnsembleRouter"}
@@ -47,11 +55,15 @@ def test_live_reconfigure_changes_the_gate_without_restarting_replicas(served):
     assert body["refer"] is True and "below the referral floor 1.000" in body["refer_reason"]
     _reconfigure(served, {**always_vit, "temperatures": {"cnn": {"covid": 4.0}}})
     calibrated = post(served, data=png(seed=7), mode="cnn").json()
+    explained = _explain_covid(served, calibrated)
     _reconfigure(served, always_vit)
     raw = post(served, data=png(seed=7), mode="cnn").json()
     softer = [max(answer["covid"]["probabilities"].values()) for answer in (calibrated, raw)]
     assert softer[0] < softer[1]  # T = 4 flattens the covid head's answer; the other heads keep theirs
     assert calibrated["nih14"]["probabilities"] == raw["nih14"]["probabilities"]
+    # /v1/explain's probability is the calibrated answer's too
+    assert explained == pytest.approx(max(calibrated["covid"]["probabilities"].values()), abs=1e-5)
+    assert _explain_covid(served, raw) == pytest.approx(softer[1], abs=1e-5)
     assert replica_actors() == before  # same replicas (names carry replica ids), same actors
 
 
