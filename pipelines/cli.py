@@ -51,6 +51,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench train", "pipelines.bench.train", "training images/s with 1 and 2 DDP workers", submittable=False),
     Command("bench scale", "pipelines.bench.scale", "ingest and one epoch at 2k, 20k, 133k images", submittable=False),
     Command("bench serve", "serve.bench.serving", "Serve over HTTP vs direct calls, per mode", submittable=False),
+    Command("bench ood", "pipelines.bench.ood", "the OOD check vs CNN-feature Mahalanobis", submittable=False),
     Command("bench cache", "serve.bench.result_cache", "the result cache off vs on with repeats", submittable=False),
     Command("bench export", "serve.bench.export", "PyTorch vs ONNX Runtime fp32/int8, and Serve", submittable=False),
     Command("cluster up", "cluster.local", "start a local multi-node Ray cluster with token auth", "run_up", False),

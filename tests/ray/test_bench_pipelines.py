@@ -39,3 +39,16 @@ def test_bench_train_prints_its_table_and_writes_nothing(tiny_shards, capsys, be
     assert re.search(r"model\s+1 worker img/s\s+2 workers img/s/worker\s+2 workers total\s+scaling", out), out
     row = re.search(r"^cnn test_efficientnet\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)x$", out, re.MULTILINE)
     assert row and int(row[1]) > 0 and int(row[2]) > 0, out
+
+
+def test_bench_ood_compares_the_two_checks_on_every_set(tiny_shards, tiny_checkpoints, capsys, benchmarks_untouched):
+    argv = ["bench", "ood", "--cnn", str(tiny_checkpoints["cnn"]), "--config", str(CONFIG)]
+    sets = [f"--set={value}" for value in ("ood.negatives_per_kind=3", "ood.components=8")]
+    assert main(argv + _sets(tiny_shards) + sets) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^refused\s+layout\s+cnn features\s+images$", out, re.MULTILINE), out
+    assert re.search(r"^test split\s+[\d.]+%\s+[\d.]+%\s+\d+$", out, re.MULTILINE), out
+    # the layout check (serving's) refuses every generated non-radiograph even fitted on the tiny shards
+    for kind in ("noise", "document", "blank", "hand"):
+        assert re.search(rf"^negative: {kind}\s+100.0%\s+[\d.]+%\s+3$", out, re.MULTILINE), (kind, out)
+    assert re.search(r"^ms an image\s+[\d.]+\s+[\d.]+$", out, re.MULTILINE), out
