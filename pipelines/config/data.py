@@ -63,6 +63,9 @@ class SynthConfig(Strict):
     pneumonia_class_counts: PneumoniaClassCounts | None = None
     pneumonia_image_size: tuple[int, int] = (1000, 2000)  # [min, max] of an image's longer side in px (never square)
     pneumonia_rgb_fraction: float = Field(0.05, ge=0.0, le=1.0)  # RGB JPEGs among the grayscale ones
+    # burn a site tag into every image, in a corner of its own per source (as hospitals stamp films): a planted
+    # shortcut for the shortcut check of `cxr evaluate`; false keeps the images byte for byte as before
+    source_marker: bool = False
 
     @field_validator("pneumonia_images")
     @classmethod

@@ -186,16 +186,16 @@ def synthesize(
         len(pneumonia),
         synth.seed,
     )
-    pool = synth.render_pool
+    pool, marker = synth.render_pool, synth.source_marker
     with Runner(workers) as runner:
         runner.run(
             write_nih_image,
             _render_order(plan.nih, synth),
-            Target(synth.seed, nih_dir, synth.nih_image_size, pool=pool),
+            Target(synth.seed, nih_dir, synth.nih_image_size, pool=pool, marker=marker),
         )
         _write_nih_tables(plan, nih_dir)
         log.info("wrote %d NIH images under %s", len(plan.nih), nih_dir)
-        covid_target = Target(synth.seed, covid_dir, synth.covid_image_size, nih_root=nih_dir, pool=pool)
+        covid_target = Target(synth.seed, covid_dir, synth.covid_image_size, nih_root=nih_dir, pool=pool, marker=marker)
         runner.run(write_covid_image, _render_order(plan.covid, synth), covid_target)
         log.info("wrote %d COVID images under %s", len(plan.covid), covid_dir)
         if pneumonia:
@@ -211,6 +211,6 @@ def _write_pneumonia(runner: Runner, images: list[PneumoniaImage], folder: Path,
     for split in kermany.SPLITS:  # every split and class folder, as in the real set, even an empty one
         for cls in ("normal", "bacterial"):
             (folder / layouts.pneumonia_relpath(split, cls, "x")).parent.mkdir(parents=True, exist_ok=True)
-    target = Target(synth.seed, folder, kermany.render_size(synth), pool=synth.render_pool)
+    target = Target(synth.seed, folder, kermany.render_size(synth), pool=synth.render_pool, marker=synth.source_marker)
     runner.run(kermany.write_pneumonia_image, _render_order(images, synth), target)
     log.info("wrote %d pneumonia images under %s", len(images), folder)

@@ -46,6 +46,8 @@ def format_summary(
     )
     lines.append(f"modes: {modes}")
     lines += _pneumonia_lines(manifest.get("pneumonia"), pneumonia_dir)
+    if manifest.get("synth", {}).get("source_marker"):
+        lines.append("source markers: every image carries its source's site tag (a planted shortcut)")
     if manifest["duplicates"] or manifest["corrupt"]:
         lines.append(f"plants: {len(manifest['duplicates'])} near-duplicates, {len(manifest['corrupt'])} corrupt files")
     lines.append(f"done in {seconds:.1f} s")

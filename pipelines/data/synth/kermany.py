@@ -9,7 +9,8 @@ sometimes RGB), size (longer side in ``pneumonia_image_size``, landscape mostly,
 
 Writer: a square render of a child's chest (``render`` with the pneumonia painters, or ``pool``) at
 ``render_size``, cropped a little and resized to the image's own width and height, fresh film grain from
-``[seed, FILM, source, index]``, encoded as JPEG; so files depend only on (config, seed), never on workers.
+``[seed, FILM, source, index]``, the site tag when ``data.synth.source_marker``, encoded as JPEG; so files depend
+only on (config, seed), never on workers.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def pneumonia_pixels(img: PneumoniaImage, target: Target) -> np.ndarray:
     else:
         square = render_image(target.seed, SOURCE, img.patient, img.index, img.findings, target.size, img.followup)
     film_rng = np.random.default_rng([target.seed, FILM, SOURCE_CODES[SOURCE], img.index])
-    return to_film(square, img.width, img.height, film_rng)
+    return target.finish(to_film(square, img.width, img.height, film_rng), SOURCE)
 
 
 def write_pneumonia_image(img: PneumoniaImage, target: Target) -> None:

@@ -8,12 +8,15 @@ its keys, never on which process renders it or in which order:
 - per-image pose jitter, textures and noise: ``[seed, IMAGE, source, image_index]``
 - a source's change of the anatomy (a child's chest for the pediatric pneumonia set): ``[seed, ANATOMY, source,
   patient, 1]``
+
+``burn_marker`` adds a source's site tag to finished pixels (``data.synth.source_marker``); it draws no random numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 from pipelines.data.synth.anatomy import compose, jitter_for_followup, render_layers, sample_anatomy
@@ -27,6 +30,11 @@ SOURCE_CODES = {"nih": 1, "covid": 2, "pneumonia": 3}
 PAINTERS: dict[str, Painter] = {**NIH_PAINTERS, **COVID_PAINTERS, **PNEUMONIA_PAINTERS}
 PAINT_ORDER = tuple(PAINTERS)  # anatomy changes apply in this fixed order, whatever the label order
 ANATOMY_CHANGES = {"pneumonia": pediatric}
+# a burned-in site tag per source, in the source's own corner, as hospitals stamp films: a planted shortcut. The codes
+# name each set's origin (NIH Clinical Center, Qatar/Dhaka, Guangzhou); corners are (top, left).
+MARKERS = {"nih": ("CC", (True, True)), "covid": ("QA", (True, False)), "pneumonia": ("GZ", (False, True))}
+MARKER_HEIGHT = 0.08  # text height over the shorter side: still a bright blob of a few pixels in 64 px shards
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def render_image(
@@ -54,3 +62,32 @@ def render_image(
     for paint in steps:
         paint(layers, anat)
     return compose(anat, layers, image_rng)
+
+
+def _marker_layout(shape: tuple[int, ...], source: str) -> tuple[str, float, int, int, int, int, int]:
+    """(text, font scale, thickness, x, y of the text's baseline origin, text width, height) for an image shape."""
+    text, (top, left) = MARKERS[source]
+    height, width = shape[:2]
+    target = max(5.0, MARKER_HEIGHT * min(height, width))
+    thickness = max(2, round(target / 5.0))  # bold enough that a stroke keeps a full-white core
+    scale = target / cv2.getTextSize(text, _FONT, 1.0, thickness)[0][1]
+    (text_w, text_h), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    margin = max(2, round(0.03 * min(height, width)))
+    x = margin if left else width - margin - text_w
+    y = margin + text_h if top else height - margin
+    return text, scale, thickness, x, y, text_w, text_h
+
+
+def marker_box(shape: tuple[int, ...], source: str) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the region ``burn_marker`` writes into for an image of ``shape`` (a little padded)."""
+    _, _, thickness, x, y, text_w, text_h = _marker_layout(shape, source)
+    pad = thickness + 1
+    return max(0, y - text_h - pad), min(shape[0], y + pad), max(0, x - pad), min(shape[1], x + text_w + pad)
+
+
+def burn_marker(pixels: np.ndarray, source: str) -> np.ndarray:
+    """A copy of float32 [0, 1] ``pixels`` (H x W) with ``source``'s tag burned in white at its corner."""
+    text, scale, thickness, x, y, _, _ = _marker_layout(pixels.shape, source)
+    ink = np.zeros(pixels.shape[:2], np.uint8)  # drawn apart and maxed in: anti-aliasing needs 8-bit
+    cv2.putText(ink, text, (x, y), _FONT, scale, 255, thickness, cv2.LINE_AA)
+    return np.maximum(pixels, ink.astype(np.float32) / 255.0).astype(np.float32)

@@ -14,10 +14,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipelines.data.synth import layouts
 from pipelines.data.synth.plan import CovidImage, NihImage
 from pipelines.data.synth.pool import pooled_image
-from pipelines.data.synth.render import render_image
+from pipelines.data.synth.render import burn_marker, render_image
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,11 @@ class Target:
     size: int
     nih_root: Path | None = None  # COVID near-duplicates copy files from here
     pool: int = 0  # data.synth.render_pool: 0 renders every image, N derives images from N bases per label set
+    marker: bool = False  # data.synth.source_marker: burn the source's site tag into the finished pixels
+
+    def finish(self, pixels: np.ndarray, source: str) -> np.ndarray:
+        """The pixels as written: with the source's tag when ``marker`` (last, so no later step moves or crops it)."""
+        return burn_marker(pixels, source) if self.marker else pixels
 
 
 def write_nih_image(img: NihImage, target: Target) -> None:
@@ -40,7 +47,7 @@ def write_nih_image(img: NihImage, target: Target) -> None:
         pixels = pooled_image(target.seed, "nih", img.index, img.findings, target.size, target.pool)
     else:
         pixels = render_image(target.seed, "nih", img.patient, img.index, img.findings, target.size, img.followup)
-    data = layouts.encode_png(pixels, img.mode)
+    data = layouts.encode_png(target.finish(pixels, "nih"), img.mode)
     if img.plant in layouts.DECODE_PLANTS:
         data = layouts.corrupt_bytes(img.plant, data)
     path.write_bytes(data)
@@ -49,7 +56,7 @@ def write_nih_image(img: NihImage, target: Target) -> None:
 def write_covid_image(img: CovidImage, target: Target) -> None:
     path = target.root / img.relpath
     path.parent.mkdir(parents=True, exist_ok=True)
-    if img.duplicate_of is not None:
+    if img.duplicate_of is not None:  # a copy of an NIH file, its tag included when marked, as a re-shared film
         assert target.nih_root is not None, "near-duplicates need the NIH images written first"
         data = layouts.near_duplicate_png(target.nih_root / img.duplicate_of, target.size, img.brightness, img.mode)
     else:
@@ -57,7 +64,7 @@ def write_covid_image(img: CovidImage, target: Target) -> None:
             pixels = pooled_image(target.seed, "covid", img.index, (img.cls,), target.size, target.pool)
         else:
             pixels = render_image(target.seed, "covid", img.index, img.index, (img.cls,), target.size)
-        data = layouts.encode_png(pixels, img.mode)
+        data = layouts.encode_png(target.finish(pixels, "covid"), img.mode)
     if img.plant in layouts.DECODE_PLANTS:
         data = layouts.corrupt_bytes(img.plant, data)
     path.write_bytes(data)
