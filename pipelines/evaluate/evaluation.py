@@ -7,7 +7,8 @@ Every head of the checkpoint's label spaces is scored on the images of its own s
 ``metrics.head_calibration``); the adaptive gate decides each image on its own source's head, as tuning does.
 The CNN, ViT and both ensembles' figures get 95% intervals from a patient-level bootstrap (``uncertainty.py``);
 the adaptive ensemble's multi-label heads are scored per sex, age band and view position (``subgroups.py``); stage
-B's out-of-distribution check is run on the test split and on non-radiographs (``ood_rates.py``).
+B's out-of-distribution check is run on the test split and on non-radiographs (``ood_rates.py``); the CNN's frozen
+features are probed for the source dataset and the adaptive answers checked on other sources (``shortcut.py``).
 Writes ``report.md`` (a section per head), ``metrics.json`` and PNG plots (ROC curves, reliability diagrams,
 confusion matrices per head, a grid of Grad-CAM overlays per class) and logs them to MLflow. Predictions come from
 ``inference.py``: in this process for small splits, as Ray Data batch inference for large ones, row for row the same.
@@ -42,6 +43,7 @@ from pipelines.evaluate.metrics import head_calibration, head_metrics, headline,
 from pipelines.evaluate.ood_rates import ood_rates
 from pipelines.evaluate.referral import risk_coverage
 from pipelines.evaluate.report import head_figures, write_report
+from pipelines.evaluate.shortcut import shortcut_check
 from pipelines.evaluate.subgroups import subgroup_fields, subgroup_metrics
 from pipelines.evaluate.uncertainty import bootstrap_intervals, patient_groups
 from pipelines.train import tracking
@@ -188,6 +190,8 @@ def evaluate(
             "heads": risk_coverage(adaptive_pred, spaces, settings.refer_below),
         },
         "ood": ood_rates(detector, files, per_kind, ood_seed, ood_folders or []) if detector else None,
+        # the CNN's frozen features probed for the source; the answers serving gives checked on other sources
+        "shortcut": shortcut_check(models["cnn"], cfg, files, systems[SUBGROUP_SYSTEM], spaces),
     }
     out.mkdir(parents=True, exist_ok=True)
     grid = None
@@ -230,6 +234,9 @@ def _log_to_mlflow(cfg: Config, out: Path, summary: dict[str, Any]) -> None:
         if summary.get("ood"):
             mlflow.log_metric("test_ood_refused", summary["ood"]["test"]["refused"])
             mlflow.log_metrics({f"ood_refused_{kind}": r["refused"] for kind, r in summary["ood"]["negatives"].items()})
+        hardest = summary["shortcut"]["probe_healthy"]["min_pair"]
+        if hardest is not None:
+            mlflow.log_metric("shortcut_healthy_probe_auroc", hardest["auroc"])
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
     finally:
         tracking.end_run()

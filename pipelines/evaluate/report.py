@@ -25,6 +25,7 @@ from models.labels import LabelSpace, label_key  # noqa: E402
 from pipelines.evaluate.markdown import table  # noqa: E402
 from pipelines.evaluate.metrics import binary_name, main_key  # noqa: E402
 from pipelines.evaluate.ood_rates import ood_section  # noqa: E402
+from pipelines.evaluate.shortcut import report_section  # noqa: E402
 from pipelines.evaluate.subgroups import FLAG_BELOW, MIN_GROUP_IMAGES, MIN_POSITIVES  # noqa: E402
 
 
@@ -363,6 +364,8 @@ def write_report(
     lines += calibration_section(out, summary.get("temperature_scaling") or {})
     lines += referral_section(out, summary.get("referral") or {})
     lines += ood_section(summary.get("ood"))
+    if summary.get("shortcut"):
+        lines += report_section(summary["shortcut"])
     for system, found in (summary.get("subgroups") or {}).items():
         lines += subgroup_section(found, system)
     if explanation_grid:
