@@ -2,12 +2,15 @@
 
 Debian's chromium driven by Playwright (its wheel ships the driver; no browser is downloaded). One app, one
 browser page and one key-less start for the whole module; tests run in file order and share the page: the 401
-first, then predictions, the heatmap, the screenshots, the error paths, and last the check that every request the
-page made stayed on the app's origin. Without chromium the module skips, except under CI where it fails.
+first, then predictions, the referral notice, the heatmap, the screenshots, the error paths (the out-of-distribution
+refusal among them), and last the check that every request the page made stayed on the app's origin. The app's
+ensemble.yaml holds an out-of-distribution check fitted on the session's tiny shards and a referral floor. Without
+chromium the module skips, except under CI where it fails.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -18,7 +21,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import CONFIG, ROOT, SPACES, free_port, make_dicom, require_program, wait_healthy
+from tests.helpers import CONFIG, ROOT, SPACES, free_port, make_dicom, png, require_program, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,6 +32,9 @@ KEY_ENV = "CXR_WEB_TEST_API_KEY"
 MAX_UPLOAD_MB = 0.5
 SCREENSHOT_COPY = Path("/tmp/cxr-web.png")
 TIMEOUT_MS = 30_000
+# the app's referral floor: an answer scored on the nih14 head alone is never below it (min over findings of
+# max(p, 1 - p)), one scored on every head of these untrained models is (their covid head is far less sure)
+REFER_BELOW = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +51,22 @@ def needs_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def app(needs_browser, ray_session, tiny_checkpoints, tmp_path_factory):
-    """The Serve app on 127.0.0.1 with an API key (resolved after the browser check, so a skip starts no Ray)."""
+def app(needs_browser, ray_session, tiny_checkpoints, tiny_shards, tmp_path_factory):
+    """The Serve app on 127.0.0.1 with an API key (resolved after the browser check, so a skip starts no Ray), its
+    run's ensemble.yaml as stage B leaves one: the default gate, the referral floor and an out-of-distribution check
+    fitted on the tiny shards (radiograph-like uploads pass it, noise does not)."""
     from ray import serve
 
+    from pipelines.artifacts import write_settings
     from pipelines.config import load_config
     from serve.app import build_app
+    from tune.ood_fit import fit_ood_check
 
-    folder = tmp_path_factory.mktemp("web")
+    run = tmp_path_factory.mktemp("web") / "run"
+    record = fit_ood_check(load_config(None, sets=["data.storage_size=32", f"data.shards_dir={tiny_shards}"]), run)
+    write_settings(run / "ensemble.yaml", 0.4, 0.85, refer_below=REFER_BELOW, ood=record)
     sets = [
-        f"train.run_dir={folder / 'run'}",
+        f"train.run_dir={run}",
         f"serve.api_key_env={KEY_ENV}",
         f"serve.max_upload_mb={MAX_UPLOAD_MB}",
         "serve.request_timeout_s=20",
@@ -97,12 +109,9 @@ def page(browser, app):
 
 @pytest.fixture(scope="module")
 def xray(tmp_path_factory) -> Path:
-    """A synthetic NIH-style radiograph with cardiomegaly, as an 8-bit PNG."""
-    from pipelines.data.synth.render import render_image
-
-    pixels = render_image(7, "nih", 3, 0, ["Cardiomegaly"], 256)
+    """A radiograph-like 8-bit PNG of the tiny shards' kind, 256 px: the app's out-of-distribution check passes it."""
     path = tmp_path_factory.mktemp("images") / "chest.png"
-    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(path)
+    path.write_bytes(png(256))
     return path
 
 
@@ -127,13 +136,18 @@ def error_text(page) -> str:
     return page.inner_text("#error")
 
 
+def wait_text(page, element_id: str, text: str) -> None:
+    """Until the element's text is ``text`` (the page draws an answer a moment after its response arrives)."""
+    page.wait_for_function("([id, text]) => document.getElementById(id).textContent === text", arg=[element_id, text])
+
+
 # ------------------------------------------------------------------------------------------- page and key
 
 
 def test_page_and_its_assets_are_served_locally(app):
     index = requests.get(app + "/", timeout=10)
     assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
-    for name in ("app.js", "style.css"):
+    for name in ("app.js", "api.js", "result.js", "style.css"):
         assert f'"static/{name}"' in index.text
         assert requests.get(f"{app}/static/{name}", timeout=10).status_code == 200
     for path in WEB_DIR.rglob("*"):
@@ -201,11 +215,8 @@ def test_bars_and_numbers_are_what_the_api_answers(page, app, xray):
             assert f"{binary['probability'] * 100:.1f}%" in text
     nih = shown_bars(page, "bars-nih14")
     assert nih[0]["pressed"], "the top finding is selected by default"
-    assert (
-        page.get_attribute("#models-used", "data-models")
-        == ",".join(body["models_used"])
-        == ",".join(again["models_used"])
-    )
+    used = ",".join(body["models_used"])
+    assert page.get_attribute("#models-used", "data-models") == used == ",".join(again["models_used"])
     assert float(page.get_attribute("#cnn-confidence", "data-value")) == body["cnn_confidence"]
     gate = page.inner_text("#gate")
     assert f"threshold {body['gate']['threshold']}" in gate and f"{body['cnn_confidence']:.3f}" in gate
@@ -214,6 +225,10 @@ def test_bars_and_numbers_are_what_the_api_answers(page, app, xray):
     latency = page.inner_text("#latency")
     assert f"{body['latency_ms']['total']:.1f} ms" in latency and "decode" in latency
     assert page.inner_text("#input-info").startswith("PNG, 256×256")
+    ood = body["ood"]  # the image check: passed, and said so with its numbers
+    assert ood["checked"] and ood["score"] <= ood["threshold"] and page.get_attribute("#ood", "data-checked") == "true"
+    passed = f"score {ood['score']:.2f} ≤ {ood['threshold']:.2f} (looks like the training radiographs)"
+    assert page.inner_text("#ood") == passed
     assert page.evaluate("document.getElementById('preview').naturalWidth") == 256
 
 
@@ -249,6 +264,20 @@ def test_mode_and_head_choices_are_sent(page):
     with page.expect_response(lambda response: "/v1/predict" in response.url) as reset:
         page.select_option("#head", "")
     assert "mode=adaptive" in reset.value.url and "head=" not in reset.value.url
+
+
+def test_the_referral_notice_follows_the_answer(page, xray):
+    referred = upload(page, xray).json()  # scored on every head: the untrained covid head is far below the floor
+    assert referred["refer"] and f"floor {REFER_BELOW:.3f}" in referred["refer_reason"]
+    wait_text(page, "refer-reason", referred["refer_reason"])
+    assert page.is_visible("#refer") and page.inner_text("#refer").startswith("Refer to a radiologist:")
+    with page.expect_response(lambda response: "/v1/predict" in response.url) as nih:
+        page.select_option("#head", "nih14")  # min over findings of max(p, 1 - p): never below 0.5
+    assert nih.value.json()["refer"] is False and nih.value.json()["refer_reason"] is None
+    page.wait_for_selector("#refer", state="hidden")
+    with page.expect_response(lambda response: "/v1/predict" in response.url) as back:
+        page.select_option("#head", "")
+    assert "head=" not in back.value.url and back.value.json()["refer"]
 
 
 def test_heatmap_overlay_of_the_selected_label(page, app, xray):
@@ -303,7 +332,8 @@ def test_screenshots_wide_and_narrow(page, xray, tmp_path):
 
 
 def test_dicom_shows_its_name_and_the_overlay_shows_the_image(page, tmp_path):
-    pixels = (np.add.outer(np.arange(128), np.arange(128)) * 16).astype(np.uint16)
+    # a 16-bit radiograph-like image (a plain gradient would be refused by the image check)
+    pixels = np.asarray(Image.open(io.BytesIO(png(128)))).astype(np.uint16) * 257
     path = tmp_path / "chest.dcm"
     path.write_bytes(make_dicom(pixels, modality="DX"))
     assert upload(page, path).status == 200
@@ -320,13 +350,40 @@ def test_dicom_shows_its_name_and_the_overlay_shows_the_image(page, tmp_path):
 # ------------------------------------------------------------------------------------------- errors
 
 
+def test_a_non_radiograph_is_refused_with_its_score_then_answered_for_research(page, tmp_path):
+    noise = tmp_path / "noise.png"  # decodes fine, but is nothing like a radiograph
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (256, 256), dtype=np.uint8)).save(noise)
+    refused = upload(page, noise)
+    assert refused.status == 422 and "ood=" not in refused.url
+    body, ood = refused.json(), refused.json()["ood"]
+    assert ood["refused"] and ood["score"] > ood["threshold"]
+    assert "422 not_a_chest_radiograph" in error_text(page) and body["error"]["detail"] in page.inner_text("#error")
+    assert f"score {ood['score']:.2f} > threshold {ood['threshold']:.2f}" in page.inner_text("#error-ood")
+    assert page.is_hidden("#results")
+    # the research switch sends ood=off: answered, and the answer says it was not checked
+    with page.expect_response(lambda response: "/v1/predict" in response.url) as research:
+        page.check("#ood-off")
+    assert research.value.status == 200 and "ood=off" in research.value.url
+    answered = research.value.json()["ood"]
+    assert answered["checked"] is False and answered["score"] == pytest.approx(ood["score"])
+    unchecked = f"not checked (ood=off): score {ood['score']:.2f} > {ood['threshold']:.2f} (unlike the training"
+    wait_text(page, "ood", unchecked + " radiographs)")
+    assert page.is_visible("#results") and page.is_hidden("#error")
+    with page.expect_response(lambda response: "/v1/explain" in response.url) as explained:
+        page.check("#heatmap")  # its heatmap is asked for the same way, or the explain would be refused
+    assert explained.value.status == 200 and "ood=off" in explained.value.url
+    page.uncheck("#heatmap")
+    with page.expect_response(lambda response: "/v1/predict" in response.url) as again:
+        page.uncheck("#ood-off")
+    assert again.value.status == 422 and "ood=" not in again.value.url
+    assert "422 not_a_chest_radiograph" in error_text(page) and page.is_visible("#error-ood")
+
+
 def test_a_text_file_named_png_shows_the_reason(page, tmp_path):
     fake = tmp_path / "x.png"
     fake.write_text("plain text is not an image")
-    answer = upload(page, fake)
-    assert answer.status == 415
-    assert "415 unsupported_type" in error_text(page)
-    assert page.is_hidden("#results")
+    assert upload(page, fake).status == 415 and "415 unsupported_type" in error_text(page)
+    assert page.is_hidden("#results") and page.is_hidden("#error-ood")  # the score line is for refusals only
 
 
 def test_a_file_over_the_limit_is_warned_about_and_sent(page, tmp_path):
