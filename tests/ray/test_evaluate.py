@@ -43,6 +43,11 @@ def test_evaluate_writes_the_report_with_a_gradcam_grid(tiny_shards, tiny_checkp
         assert f"## Head `{head}`" in report
     for plot in ("roc_nih14.png", "reliability_nih14.png", "reliability_covid.png", "confusion_covid.png"):
         assert (out / plot).is_file()
+    # the trust checks: no ensemble.yaml here, so no OOD check (said so); the shortcut check on the CNN's features
+    assert summary["ood"] is None and "No check: the ensemble.yaml in use has none" in report
+    shortcut = summary["shortcut"]
+    assert shortcut["probe_all"]["rows"]["nih"] > 0 and isinstance(shortcut["flagged"], bool)
+    assert "## Shortcut check" in report and shortcut["reading"] in report
     printed = capsys.readouterr().out
     assert "sent" in printed and all(f"head {head} (" in printed for head in heads)  # a console table per head
 
