@@ -95,7 +95,8 @@ class OodDetector:
     def with_threshold(self, validation: Iterable[np.ndarray], false_refusal: float) -> OodDetector:
         """The same detector refusing ``false_refusal`` of the validation images (their highest scores)."""
         values = self.scores(validation)
-        threshold = float(np.quantile(values, 1.0 - false_refusal)) if len(values) else float("inf")
+        # the validation score at that quantile, rounded up to an observed one: at most that share is refused
+        threshold = float(np.quantile(values, 1.0 - false_refusal, method="higher")) if len(values) else float("inf")
         return OodDetector(**{**self.__dict__, "threshold": threshold, "false_refusal": float(false_refusal)})
 
     def refuses(self, score: float) -> bool:
