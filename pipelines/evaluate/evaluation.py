@@ -57,6 +57,10 @@ class LabelSpaceMismatchError(CxrError, ValueError):
     """A checkpoint whose heads (names, classes or order) differ from the CNN's: its rows would not compare."""
 
 
+class ReportFolderError(CxrError, ValueError):
+    """``--out`` holds the run folder, whose MLflow artifact store the report is copied into: it would copy itself."""
+
+
 def require_spaces(path: Path, payload: dict[str, Any], spaces: tuple[LabelSpace, ...]) -> None:
     """Fail, naming both, when a checkpoint's label spaces are not the CNN's."""
     found = label_spaces_of(payload)
@@ -282,6 +286,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     cnn = args.cnn or latest_checkpoint(cfg, "cnn")
     vit = args.vit or latest_checkpoint(cfg, "vit")
     out = args.out or Path(cfg.train.run_dir) / "evaluation"
+    run_dir = Path(cfg.train.run_dir).resolve()
+    if out.resolve() == run_dir or out.resolve() in run_dir.parents:
+        raise ReportFolderError(f"--out {out} holds train.run_dir {run_dir} and its MLflow artifacts; give the report "
+                                "a folder of its own (default: <train.run_dir>/evaluation)")  # fmt: skip
     extras = args.probe if args.probe is not None else latest_probes(cfg)
     summary = evaluate(cfg, cnn, vit, out, args.tta, args.ensemble, args.explain_per_class, extras, args.ood_images)
     print(format_console(summary))

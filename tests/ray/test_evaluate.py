@@ -67,3 +67,10 @@ def test_a_fusion_model_is_reported_with_and_without_its_metadata(tiny_shards, t
     assert without["pneumonia_macro_f1"] == with_meta["pneumonia_macro_f1"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "**cnn without metadata**" in report and "| cnn without metadata |" in report
+
+
+def test_a_report_folder_holding_the_run_folder_is_refused(tiny_checkpoints, tmp_path, capsys):
+    """MLflow's artifact store lives in the run folder and the report is copied into it: it would copy itself."""
+    args = ["--cnn", str(tiny_checkpoints["cnn"]), "--vit", str(tiny_checkpoints["vit"]), "--out", str(tmp_path)]
+    assert main([*args, "--set", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    assert "holds train.run_dir" in capsys.readouterr().err
