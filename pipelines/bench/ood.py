@@ -41,22 +41,26 @@ def layout_scorer(cfg: Config, train: list[np.ndarray]) -> Scorer:
 
 
 def feature_scorer(checkpoint: Path, train: list[np.ndarray]) -> Scorer:
-    """Mahalanobis distance of the CNN's pooled features, the inputs prepared as serving prepares them."""
+    """Mahalanobis distance of the CNN's pooled features; inputs made as serving makes them (``serve/preprocess.py``:
+    the storage size, then the evaluation transform), from the pipelines' functions, which ``pipelines/`` may use."""
     import torch
     from sklearn.covariance import LedoitWolf
 
     from models.checkpoint import PreprocessSpec, load_checkpoint, model_from_checkpoint
-    from serve.preprocess import Preprocessor
+    from pipelines.data.imaging import resize_square
+    from pipelines.data.transforms import TransformSpec, build_transform, transform_images
 
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(checkpoint, payload).eval()
-    prepare = Preprocessor(PreprocessSpec.from_checkpoint_meta(payload))
+    spec = PreprocessSpec.from_checkpoint_meta(payload)
+    transform = build_transform(TransformSpec(spec.input_size), train=False)
 
     def features(images: list[np.ndarray]) -> np.ndarray:
         rows = []
         with torch.inference_mode():
             for start in range(0, len(images), 64):
-                batch = torch.from_numpy(np.stack([prepare(image) for image in images[start : start + 64]]))
+                stored = [resize_square(image, spec.storage_size) for image in images[start : start + 64]]
+                batch = torch.from_numpy(np.stack(transform_images(stored, transform)))
                 rows.append(model.backbone(model.normalize(batch)).numpy())
         return np.concatenate(rows)
 
