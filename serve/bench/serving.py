@@ -179,13 +179,16 @@ def http_sender(url: str, images: list[bytes], mode: str, heads: list[str] | Non
 
 def deploy(cfg: Config, batched: bool, checkpoints: dict[str, Path] | None = None, cache: bool = False) -> str:
     """Deploy the app and wait for it. The result cache is off unless ``cache``: the cells cycle through the same
-    images, and must measure the models, not cache hits (``serve.bench.result_cache`` measures the cache)."""
+    images, and must measure the models, not cache hits (``serve.bench.result_cache`` measures the cache). The
+    out-of-distribution check, where the run has one, scores every image but refuses none: a refusal skips the
+    models, so the real images some cells send would measure refusals, not answers."""
     from ray import serve
 
     from serve.app import build_app
 
     cfg = cfg.model_copy(deep=True)
     cfg.serve.cache.enabled = cache
+    cfg.ood.enabled = False
     if not batched:
         cfg.serve.cnn.batch_max_size = cfg.serve.vit.batch_max_size = 1
     checkpoints = checkpoints or {}
