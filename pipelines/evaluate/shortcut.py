@@ -298,4 +298,15 @@ def report_section(result: dict[str, Any]) -> list[str]:
         f"Can the pooled image features tell which dataset an image came from? Cross-validated AUROC of a "
         f"linear source probe; {flag} at {result['flag_auroc']:.2f} on the closest pair of healthy images."
     )
-    return ["", "## Shortcut check", "", intro, "", *_probe_table(result), *_calls_table(result), "", result["reading"], ""]
+    return [
+        "",
+        "## Shortcut check",
+        "",
+        intro,
+        "",
+        *_probe_table(result),
+        *_calls_table(result),
+        "",
+        result["reading"],
+        "",
+    ]

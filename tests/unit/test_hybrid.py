@@ -150,7 +150,8 @@ class _Call:
 
 
 class _Handle:
-    """In-process stand-in for a model replica's DeploymentHandle: ``describe`` and ``explain`` as the replica."""
+    """In-process stand-in for a model replica's DeploymentHandle: ``describe``, ``explain`` and ``predict`` as the
+    replica."""
 
     def __init__(self, model, calls: list):
         info = {
@@ -168,7 +169,12 @@ class _Handle:
             found = explain(model, image[None], head, target, method)[0]
             return {"cam": found.cam, "probability": found.probability, "method": found.method}
 
-        self.describe, self.explain = _Call(describe), _Call(run_explain)
+        async def predict(image, metadata=None):  # the answer whose probability explain reports
+            with torch.inference_mode():
+                logits = model(torch.from_numpy(image[None]))
+            return {s.head: s.probabilities(logits[s.head]).numpy()[0] for s in model.label_spaces}
+
+        self.describe, self.explain, self.predict = _Call(describe), _Call(run_explain), _Call(predict)
 
 
 def test_served_attention_for_a_hybrid_and_a_named_refusal_for_a_cnn():
