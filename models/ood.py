@@ -21,7 +21,7 @@ runs in the router before the models are asked, and costs about 0.1 ms an image.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,12 @@ def layout(images: Iterable[np.ndarray], side: int) -> tuple[np.ndarray, np.ndar
     if not rows:
         return np.zeros((0, side * side), np.float32), np.zeros(0, np.float32)
     return np.stack(rows), np.asarray(contrast, np.float32)
+
+
+def threshold_at(scores: np.ndarray, false_refusal: float) -> float:
+    """The score past which ``false_refusal`` of ``scores`` lie, rounded up to an observed score (so at most that
+    share is refused); inf for no scores."""
+    return float(np.quantile(scores, 1.0 - false_refusal, method="higher")) if len(scores) else float("inf")
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class OodDetector:
             1.0, 1.0, 1.0,
         )  # fmt: skip
         scales = [float(np.quantile(d, SCALE_QUANTILE)) + 1e-12 for d in unscaled.distances(x, contrast)]
-        return cls(**{**unscaled.__dict__, "q_scale": scales[0], "t2_scale": scales[1], "c_scale": scales[2]})
+        return replace(unscaled, q_scale=scales[0], t2_scale=scales[1], c_scale=scales[2])
 
     def distances(self, x: np.ndarray, contrast: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Q, T2, C) of layout rows ``x`` and their log spreads, unscaled."""
@@ -94,10 +100,9 @@ class OodDetector:
 
     def with_threshold(self, validation: Iterable[np.ndarray], false_refusal: float) -> OodDetector:
         """The same detector refusing ``false_refusal`` of the validation images (their highest scores)."""
-        values = self.scores(validation)
-        # the validation score at that quantile, rounded up to an observed one: at most that share is refused
-        threshold = float(np.quantile(values, 1.0 - false_refusal, method="higher")) if len(values) else float("inf")
-        return OodDetector(**{**self.__dict__, "threshold": threshold, "false_refusal": float(false_refusal)})
+        return replace(
+            self, threshold=threshold_at(self.scores(validation), false_refusal), false_refusal=float(false_refusal)
+        )
 
     def refuses(self, score: float) -> bool:
         return score > self.threshold

@@ -45,8 +45,12 @@ class OodGate:
         if score is None or self.detector is None:
             return None
         checked = self.enabled and requested
-        threshold = self.detector.threshold
-        return {"score": score, "threshold": threshold, "checked": checked, "refused": checked and score > threshold}
+        return {
+            "score": score,
+            "threshold": self.detector.threshold,
+            "checked": checked,
+            "refused": checked and self.detector.refuses(score),
+        }
 
     @staticmethod
     def refusal(verdict: dict[str, Any]) -> dict[str, Any]:

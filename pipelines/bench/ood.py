@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.ood import OodDetector
+from models.ood import OodDetector, threshold_at
 from pipelines.artifacts import latest_checkpoint
 from pipelines.cli import run_module
 from pipelines.config import Config
@@ -69,7 +69,7 @@ def feature_scorer(checkpoint: Path, train: list[np.ndarray]) -> Scorer:
 
 
 def measure(scorer: Scorer, val: list[np.ndarray], sets: dict[str, list[np.ndarray]], false_refusal: float) -> dict:
-    threshold = float(np.quantile(scorer(val), 1.0 - false_refusal, method="higher"))  # as OodDetector does
+    threshold = threshold_at(scorer(val), false_refusal)  # the rule serving's check uses
     found, seconds, count = {}, 0.0, 0
     for name, images in sets.items():
         started = time.perf_counter()
